@@ -1,0 +1,5 @@
+import sys
+
+from hivlp.cli import main
+
+sys.exit(main())

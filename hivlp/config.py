@@ -1,0 +1,312 @@
+"""Typed run configs: dataclasses loaded from YAML, overridable with `--set key=value`.
+
+Loading is strict so that a typo fails at once, naming the field: unknown keys, wrong types and
+inconsistent values (levels not nested, missing dataset files) raise `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hivlp import DEFAULT_LEVELS
+from hivlp.errors import ConfigError
+
+DEFAULT_DATASET = "data/flickr8k/dataset_flickr8k.json"
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from. `datasets` is a list so pre-training can mix corpora."""
+
+    datasets: list[str] = field(default_factory=lambda: [DEFAULT_DATASET])
+    image_root: str | None = None  # default: each dataset JSON's own folder
+    train_split: str = "train"
+    val_split: str = "val"
+    val_dataset: str | None = None  # default: the first of `datasets`
+    max_text_tokens: int = 40
+    limit_train_images: int | None = None  # use only the first N train images (smoke runs, tests)
+    limit_val_images: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The dual encoder: two towers, a hierarchical head, nested levels."""
+
+    name: str = "effl0-minilm"  # a name in hivlp.model.registry; the fields below override it
+    image_tower: str | None = None  # timm model name
+    image_weights: str | None = None  # "package", "hub", "none" or a local file path
+    text_tower: str | None = None  # transformers name or local folder ("package" = bundled MiniLM)
+    embed_dim: int = 512
+    levels: list[int] = field(default_factory=lambda: list(DEFAULT_LEVELS))
+    head: str = "linear"  # "linear" or "mlp"
+    head_hidden: int = 1024
+    # How much of each tower learns. 0 = frozen; N = the top N blocks (image) / layers (text).
+    image_trainable_blocks: int = 0
+    text_trainable_layers: int = 0
+    init_temperature: float = 0.05
+    learn_temperature: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Multi-level symmetric InfoNCE plus an optional hardest-negative hinge (VSE++)."""
+
+    level_weights: list[float] | None = None  # one per level; default equal
+    hard_negative_weight: float = 0.0
+    hard_negative_margin: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 256
+    lr: float = 1e-3
+    tower_lr: float = 1e-4  # for unfrozen tower parameters
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    amp: bool = True  # used on CUDA only
+    cache_features: bool = True  # cache the frozen trunk's outputs on disk
+    cache_dir: str = "outputs/cache"
+    num_workers: int = 2
+    log_every: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
+    save_every_steps: int = 0  # also save the resume state every N optimizer steps (0: epoch ends only)
+    epoch_unit: str = "caption"  # "caption": every caption once an epoch; "image": one random caption per image
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    eval_batch_size: int = 512
+    eval_shortlist: int = 50  # coarse-to-fine shortlist reported during validation
+    eval_coarse_dim: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "hivlp"
+    run_name: str | None = None
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite under outputs/
+    artifact_location: str | None = None  # default: outputs/mlartifacts
+    log_checkpoint: bool = True
+    system_metrics: bool = True
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "pretrain"  # "pretrain" or "finetune"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for logging as MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            for k, v in obj.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    walk(key + ".", v)
+                else:
+                    out[key] = v
+
+        walk("", self.to_dict())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict conversion from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int->float. Raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {type(value).__name__}")
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}" if where else k)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """`["train.lr=1e-4", "model.levels=[64,512]"]` -> nested dict; values parsed as YAML."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        # YAML reads 1e-4 as a string (no dot); accept it as a float.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+    check_files: bool = True,
+) -> RunConfig:
+    """Read a YAML config (or the defaults), apply `--set` overrides, validate, return RunConfig."""
+    data: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        data = _deep_merge(data, loaded)
+    data = _deep_merge(data, parse_overrides(overrides))
+    cfg = _from_dict(RunConfig, data)
+    validate_config(cfg, check_files=check_files)
+    return cfg
+
+
+def config_from_dict(data: dict, check_files: bool = False) -> RunConfig:
+    cfg = _from_dict(RunConfig, data)
+    validate_config(cfg, check_files=check_files)
+    return cfg
+
+
+def validate_config(cfg: RunConfig, check_files: bool = True) -> None:
+    """Cross-field checks; each error names the field."""
+    if cfg.recipe not in ("pretrain", "finetune"):
+        raise ConfigError(f"recipe: expected 'pretrain' or 'finetune', got {cfg.recipe!r}")
+    m = cfg.model
+    lv = m.levels
+    if not lv:
+        raise ConfigError("model.levels: at least one level is needed")
+    if any(b <= a for a, b in zip(lv, lv[1:])):
+        raise ConfigError(f"model.levels: must be strictly increasing (nested prefixes), got {lv}")
+    if lv[0] <= 0:
+        raise ConfigError(f"model.levels: dims must be positive, got {lv}")
+    if lv[-1] != m.embed_dim:
+        raise ConfigError(
+            f"model.levels: the last level must equal model.embed_dim ({m.embed_dim}), got {lv}"
+        )
+    if m.head not in ("linear", "mlp"):
+        raise ConfigError(f"model.head: expected 'linear' or 'mlp', got {m.head!r}")
+    if m.image_trainable_blocks < 0 or m.text_trainable_layers < 0:
+        raise ConfigError("model.image_trainable_blocks / model.text_trainable_layers must be >= 0")
+    w = cfg.loss.level_weights
+    if w is not None and len(w) != len(lv):
+        raise ConfigError(
+            f"loss.level_weights: {len(w)} weights for {len(lv)} levels ({lv}); give one per level"
+        )
+    t = cfg.train
+    for name in ("epochs", "batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.epoch_unit not in ("caption", "image"):
+        raise ConfigError(f"train.epoch_unit: expected 'caption' or 'image', got {t.epoch_unit!r}")
+    if t.eval_coarse_dim not in lv:
+        raise ConfigError(f"train.eval_coarse_dim: {t.eval_coarse_dim} is not one of model.levels {lv}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets: give at least one Karpathy-format JSON")
+    if check_files:
+        for i, d in enumerate(cfg.data.datasets):
+            if not Path(d).is_file():
+                raise ConfigError(
+                    f"data.datasets[{i}]: dataset file {d} not found "
+                    "(run `make setup` to bring Flickr8k into data/, or pass --dataset PATH)"
+                )
+        if cfg.data.val_dataset and not Path(cfg.data.val_dataset).is_file():
+            raise ConfigError(f"data.val_dataset: dataset file {cfg.data.val_dataset} not found")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,95 @@
+"""MLflow tracking: runs, params, per-step and per-epoch metrics, checkpoints as artifacts.
+
+Defaults keep everything local and explicit: the tracking store is SQLite at `outputs/mlflow.db` and
+artifacts go to `outputs/mlartifacts` (MLflow 3 would otherwise default artifacts to ./mlruns).
+`MLFLOW_TRACKING_URI` overrides the store, e.g. a tracking server shared by a team.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hivlp.config import RunConfig, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = Path("outputs/mlflow.db")
+DEFAULT_ARTIFACTS = Path("outputs/mlartifacts")
+
+
+def tracking_uri(cfg: TrackingConfig | None = None) -> str:
+    if cfg is not None and cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    DEFAULT_STORE.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE.resolve()}"
+
+
+def artifact_location(cfg: TrackingConfig | None = None) -> str:
+    if cfg is not None and cfg.artifact_location:
+        return cfg.artifact_location
+    DEFAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return DEFAULT_ARTIFACTS.resolve().as_uri()
+
+
+def _param_value(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class RunTracker:
+    """One MLflow run. A disabled tracker (tracking off, or a non-zero DDP rank) does nothing."""
+
+    def __init__(self, run_config: RunConfig, enabled: bool = True) -> None:
+        self.cfg = run_config.tracking
+        self.run_config = run_config
+        self.enabled = enabled and self.cfg.enabled
+        self.run_id: str | None = None
+        self._mlflow = None
+
+    def __enter__(self) -> RunTracker:
+        if not self.enabled:
+            return self
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri(self.cfg))
+        exp = mlflow.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_location(self.cfg))
+        mlflow.set_experiment(self.cfg.experiment)
+        run = mlflow.start_run(
+            run_name=self.cfg.run_name or self.run_config.recipe,
+            log_system_metrics=self.cfg.system_metrics,
+        )
+        self.run_id = run.info.run_id
+        mlflow.set_tag("hivlp.recipe", self.run_config.recipe)
+        mlflow.log_params({k: _param_value(v) for k, v in self.run_config.flat().items()})
+        mlflow.log_dict(self.run_config.to_dict(), "config.yaml")
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.cfg.experiment, tracking_uri(self.cfg))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._mlflow is not None:
+            status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+            self._mlflow.end_run(status=status)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self._mlflow is not None:
+            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None:
+            self._mlflow.log_artifact(str(local_path), artifact_path=artifact_path)

