@@ -25,9 +25,11 @@ def read_json(json_path: str | Path) -> dict:
     """Load the raw JSON, raising DatasetError (not a traceback) when unreadable or wrong-shaped."""
     p = Path(json_path)
     if not p.is_file():
-        raise DatasetError(f"{p}: dataset file not found (pass --dataset PATH to a Karpathy-format JSON)")
+        raise DatasetError(f"{p}: dataset file not found; check the path to the Karpathy-format JSON")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DatasetError(f"{p}: cannot read ({e.strerror}); check its permissions") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{p}: not valid JSON ({e}); re-export the file or restore it from DVC") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -35,6 +37,11 @@ def read_json(json_path: str | Path) -> dict:
             f"{p}: wrong schema: expected an object with an 'images' list (Karpathy retrieval format)"
         )
     return data
+
+
+def image_path(image_root: str | Path, entry: dict) -> Path:
+    """The one rule for where an image lives: <image_root>/<filepath>/<filename>."""
+    return Path(image_root) / entry.get("filepath", "") / entry["filename"]
 
 
 def pairs_from_json(data: dict, image_root: str | Path) -> pd.DataFrame:
@@ -50,7 +57,7 @@ def pairs_from_json(data: dict, image_root: str | Path) -> pd.DataFrame:
                     f"images[{i}] ({img.get('filename', '?')}): missing field '{key}'; "
                     "every image needs filename, imgid, split and sentences"
                 )
-        path = root / img.get("filepath", "") / img["filename"]
+        path = image_path(root, img)
         sents = img["sentences"]
         if not isinstance(sents, list):
             raise DatasetError(f"images[{i}] ({img['filename']}): 'sentences' must be a list")
@@ -71,7 +78,10 @@ def read_pairs(
     json_path: str | Path, image_root: str | Path | None = None, split: str | None = None
 ) -> pd.DataFrame:
     """The pairs table of a Karpathy JSON, optionally one split."""
+    from hivlp.data.validate import check_schema  # validate imports this module: import here
+
     data = read_json(json_path)
+    check_schema(data, json_path)
     pairs = pairs_from_json(data, image_root_for(json_path, image_root))
     if split is not None:
         pairs = pairs[pairs["split"] == split].reset_index(drop=True)

@@ -1,0 +1,49 @@
+"""Image loading and the pixel transforms shared by training, caching and encoding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from hivlp.errors import DatasetError
+
+# Light augmentation for tower fine-tuning: keep most of the scene so the captions still describe it.
+TRAIN_CROP_SCALE = (0.5, 1.0)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image as RGB; a missing or corrupt file raises DatasetError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{path}: image file not found (check data.image_root or the dataset JSON's filepath)"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(
+            f"{path}: cannot decode image ({e}); replace or remove the file and re-run `hivlp validate`"
+        ) from None
+
+
+def image_transform(data_config: dict[str, Any], train: bool) -> Callable[[Image.Image], Any]:
+    """PIL -> normalised tensor, following a timm data config (size, interpolation, mean/std, crop).
+
+    Eval: resize + centre crop (deterministic, so cached trunk features stay valid).
+    Train: random resized crop (scale 0.5-1) + horizontal flip, no colour jitter.
+    """
+    from timm.data import create_transform
+
+    if not train:
+        return create_transform(**data_config, is_training=False)
+    return create_transform(
+        **data_config,
+        is_training=True,
+        scale=TRAIN_CROP_SCALE,
+        hflip=0.5,
+        color_jitter=None,
+        auto_augment=None,
+    )
