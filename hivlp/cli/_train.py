@@ -1,0 +1,40 @@
+"""Shared parser and runner of `hivlp pretrain` and `hivlp finetune` (one engine, two recipes)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_train_arguments(p: argparse.ArgumentParser, recipe: str) -> None:
+    p.add_argument("--config", default=f"configs/{recipe}.yaml", help="recipe YAML (default: %(default)s)")
+    p.add_argument("--out", default=f"outputs/{recipe}", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--dataset", action="append", metavar="JSON",
+                   help="Karpathy-format dataset JSON (repeat to mix corpora); overrides data.datasets")
+    p.add_argument("--image-root", help="image root for the dataset(s); default: each JSON's folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a resume state left in --out")
+
+
+def run_training(args: argparse.Namespace, recipe: str, init: str | None) -> int:
+    from hivlp.config import load_config
+    from hivlp.retrieval.evaluate import format_table
+
+    overrides = [f"recipe={recipe}", *args.overrides]
+    if args.dataset:
+        overrides.append("data.datasets=[" + ",".join(f'"{d}"' for d in args.dataset) + "]")
+    if args.image_root:
+        overrides.append(f'data.image_root="{args.image_root}"')
+    cfg = load_config(args.config, overrides)
+
+    from hivlp.train.engine import train
+
+    result = train(cfg, args.out, init=init, resume=not args.no_resume)
+    if result.history:
+        best = next((h for h in result.history if h["epoch"] == result.best_epoch), result.history[-1])
+        print(f"\n{recipe}: best val AR {result.best_metric:.2f} at epoch {result.best_epoch} "
+              f"({result.seconds / 60:.1f} min); checkpoint at {result.out_dir}")
+        print(format_table(best["metrics"]))
+    if result.run_id:
+        print(f"MLflow run: {result.run_id}")
+    return 0

@@ -1,0 +1,97 @@
+"""The hierarchical contrastive objective: symmetric InfoNCE at every nested level, weighted.
+
+A batch holds B (image, caption) pairs; several rows may show the same image (several of its
+captions). Such rows are not negatives of each other: their off-diagonal entries are masked out of
+both softmaxes (image->text and text->image) and of the hard-negative hinge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def same_image_mask(image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """[B, B] bool: True where rows i != j show the same image (to be excluded from the negatives)."""
+    if image_ids is None:
+        return torch.zeros(batch_size, batch_size, dtype=torch.bool, device=device)
+    ids = image_ids.to(device)
+    same = ids[:, None] == ids[None, :]
+    return same & ~torch.eye(batch_size, dtype=torch.bool, device=device)
+
+
+def symmetric_infonce(logits: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy with the diagonal as targets."""
+    logits = logits.masked_fill(exclude, float("-inf"))
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def max_violation_hinge(sim: torch.Tensor, exclude: torch.Tensor, margin: float) -> torch.Tensor:
+    """VSE++ loss: hinge on the hardest negative caption per image and hardest negative image per caption."""
+    pos = sim.diagonal()
+    off = exclude | torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    cost_caption = (margin + sim - pos[:, None]).clamp(min=0).masked_fill(off, 0.0)  # row i: image i
+    cost_image = (margin + sim - pos[None, :]).clamp(min=0).masked_fill(off, 0.0)  # column j: caption j
+    return cost_caption.max(dim=1).values.mean() + cost_image.max(dim=0).values.mean()
+
+
+class HierarchicalContrastiveLoss(nn.Module):
+    """Weighted multi-level symmetric InfoNCE, plus an optional hardest-negative hinge on the full level."""
+
+    def __init__(
+        self,
+        levels: Sequence[int],
+        level_weights: Sequence[float] | None = None,
+        hard_negative_weight: float = 0.0,
+        margin: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.levels = list(levels)
+        if not self.levels:
+            raise ValueError("levels: at least one level is needed")
+        weights = [1.0] * len(self.levels) if level_weights is None else [float(w) for w in level_weights]
+        if len(weights) != len(self.levels):
+            raise ValueError(f"level_weights: {len(weights)} weights for {len(self.levels)} levels")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"level_weights must be >= 0 with a positive sum, got {weights}")
+        total = sum(weights)
+        self.level_weights = [w / total for w in weights]
+        self.hard_negative_weight = float(hard_negative_weight)
+        self.margin = float(margin)
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, {"loss_d<dim>": per-level InfoNCE, "loss_hard": hinge}); parts are detached."""
+        if image_emb.shape != text_emb.shape:
+            raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} embeddings differ")
+        if image_emb.shape[-1] < self.levels[-1]:
+            raise ValueError(f"embeddings have {image_emb.shape[-1]} dims, fewer than level {self.levels[-1]}")
+        batch = image_emb.shape[0]
+        exclude = same_image_mask(image_ids, batch, image_emb.device)
+        scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        parts: dict[str, torch.Tensor] = {}
+        total = image_emb.new_zeros(())
+        for dim, weight in zip(self.levels, self.level_weights):
+            img = F.normalize(image_emb[:, :dim], dim=-1)
+            txt = F.normalize(text_emb[:, :dim], dim=-1)
+            sim = img @ txt.t()
+            loss = symmetric_infonce(scale * sim, exclude)
+            parts[f"loss_d{dim}"] = loss.detach()
+            total = total + weight * loss
+        # `sim` is now the full (last) level's cosine matrix.
+        hard = max_violation_hinge(sim, exclude, self.margin)
+        parts["loss_hard"] = hard.detach()
+        if self.hard_negative_weight > 0:
+            total = total + self.hard_negative_weight * hard
+        return total, parts

@@ -1,0 +1,431 @@
+"""One training engine; pre-training and fine-tuning are two recipes (configs) over it.
+
+Per epoch: shuffled batches of (image, caption) pairs -> multi-level contrastive loss -> AdamW with
+warmup + cosine, gradient clipping and accumulation; then validation R@K/AR per level on the val
+split; the best checkpoint (by full-dimension val AR) is published at `out_dir`. The resume state
+(`out_dir/resume/`) makes an interrupted run continue exactly where it stopped.
+
+On CPU (or whenever `train.cache_features` is on) the frozen trunk of both towers runs once and is
+cached on disk; each epoch then runs only the trainable top. Without the cache (GPU), images are
+decoded and augmented every epoch and the towers run whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from hivlp.config import RunConfig
+from hivlp.data.karpathy import RetrievalSplit, load_split, read_pairs, retrieval_split
+from hivlp.errors import ConfigError
+from hivlp.io import atomic_write_json
+from hivlp.losses import HierarchicalContrastiveLoss
+from hivlp.model import create_model, load_checkpoint, save_checkpoint
+from hivlp.retrieval.evaluate import evaluate_embeddings, format_table
+from hivlp.tracking import RunTracker
+from hivlp.train import distributed as D
+from hivlp.train.cache import TextFeatures, image_trunk_features, text_trunk_features
+from hivlp.train.state import Position, has_state, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+RESUME_DIR = "resume"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_train_data(cfg: RunConfig) -> RetrievalSplit:
+    """The train split of every corpus in `data.datasets`, concatenated (image indices offset)."""
+    parts = []
+    for ds in cfg.data.datasets:
+        pairs = read_pairs(ds, cfg.data.image_root, cfg.data.train_split)
+        if pairs.empty:
+            raise ConfigError(f"data.datasets: {ds} has no captions in split {cfg.data.train_split!r}")
+        parts.append(retrieval_split(pairs, cfg.data.limit_train_images))
+    if len(parts) == 1:
+        return parts[0]
+    offset, t2i = 0, []
+    for p in parts:
+        t2i.append(p.text_to_image + offset)
+        offset += p.n_images
+    return RetrievalSplit(
+        image_paths=sum((p.image_paths for p in parts), []),
+        filenames=sum((p.filenames for p in parts), []),
+        imgids=sum((p.imgids for p in parts), []),
+        captions=sum((p.captions for p in parts), []),
+        sentids=sum((p.sentids for p in parts), []),
+        text_to_image=np.concatenate(t2i),
+    )
+
+
+def load_val_data(cfg: RunConfig) -> RetrievalSplit:
+    ds = cfg.data.val_dataset or cfg.data.datasets[0]
+    return load_split(ds, cfg.data.val_split, cfg.data.image_root, cfg.data.limit_val_images)
+
+
+def epoch_order(data: RetrievalSplit, unit: str, seed: int, epoch: int) -> np.ndarray:
+    """Caption indices of one epoch; a pure function of (seed, epoch), so resume replays it exactly."""
+    rng = np.random.default_rng([seed, epoch])
+    if unit == "caption":
+        return rng.permutation(data.n_texts)
+    # One random caption per image, images in random order.
+    by_image: list[list[int]] = [[] for _ in range(data.n_images)]
+    for t, i in enumerate(data.text_to_image):
+        by_image[i].append(t)
+    picks = np.array([c[rng.integers(len(c))] for c in by_image if c])
+    return picks[rng.permutation(len(picks))]
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    """(augmented image, caption index) pairs for training without the feature cache."""
+
+    def __init__(self, data: RetrievalSplit, order: np.ndarray, transform) -> None:
+        self.data, self.order, self.transform = data, order, transform
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        from hivlp.data.images import load_image
+
+        t = int(self.order[i])
+        img = self.transform(load_image(self.data.image_paths[self.data.text_to_image[t]]))
+        return img, t
+
+
+# ---------------------------------------------------------------------------------------------
+# Model step
+
+
+class _Step(nn.Module):
+    """What DDP wraps: one forward from trunk features (cached) or from raw inputs (uncached)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_in, text_in, text_mask, from_trunk: bool):
+        m = self.model
+        if from_trunk:
+            return m.encode_image_from_trunk(image_in), m.encode_text_from_trunk(text_in, text_mask)
+        return m.encode_image(image_in), m.encode_text(text_in, text_mask)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to `min_ratio`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    groups = model.trainable_parameters()
+    t = cfg.train
+    param_groups = []
+    for name, lr in (("head", t.lr), ("towers", t.tower_lr)):
+        params = [p for p in groups.get(name, []) if p.requires_grad]
+        if not params:
+            continue
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        if decay:
+            param_groups.append({"params": decay, "lr": lr, "base_lr": lr, "weight_decay": t.weight_decay, "name": f"{name}_decay"})
+        if no_decay:
+            param_groups.append({"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"})
+    if not param_groups:
+        raise ConfigError("nothing to train: no trainable parameters (check model.* trainable settings)")
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def _embed_from_cache(model, img_feats: torch.Tensor, txt: TextFeatures, device, batch: int):
+    model.eval()
+    img = [model.encode_image_from_trunk(img_feats[i : i + batch].float().to(device)).float().cpu()
+           for i in range(0, len(img_feats), batch)]
+    tx = [model.encode_text_from_trunk(txt.features[i : i + batch].float().to(device),
+                                       txt.mask[i : i + batch].long().to(device)).float().cpu()
+          for i in range(0, len(txt.features), batch)]
+    return torch.cat(img).numpy(), torch.cat(tx).numpy()
+
+
+def validate(model, cfg: RunConfig, val: RetrievalSplit, cache, device) -> dict:
+    """Per-level val metrics (the model's own levels + coarse-to-fine)."""
+    if cache is not None:
+        img, txt = _embed_from_cache(model, cache[0], cache[1], device, cfg.train.eval_batch_size)
+    else:
+        from hivlp.model.encode import encode_split
+
+        model.eval()
+        img, txt = encode_split(model, val, device=device)
+    return evaluate_embeddings(
+        img, txt, val.text_to_image, model.levels,
+        coarse_dim=cfg.train.eval_coarse_dim, shortlist=cfg.train.eval_shortlist,
+    )
+
+
+def _flat_val_metrics(metrics: dict) -> dict[str, float]:
+    out = {}
+    for level, vals in metrics.items():
+        if not isinstance(vals, dict):
+            continue
+        for k, v in vals.items():
+            if k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"):
+                out[f"val_{level}_{k}"] = float(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_metric: float
+    best_epoch: int
+    history: list[dict]
+    seconds: float
+    run_id: str | None
+    step_losses: list[float]  # total loss at every optimizer step of this process (rank 0's view)
+
+
+def _publish_checkpoint(model, cfg: RunConfig, out_dir: Path, metrics: dict) -> None:
+    """Write the best checkpoint into out_dir beside the resume state.
+
+    It is staged whole first; meta.json (which holds the weights' sha256 and marks a complete
+    checkpoint) is removed before the swap and written last, so an interrupted swap leaves a folder
+    that `load_checkpoint` refuses rather than a mix of two checkpoints.
+    """
+    staging = out_dir / ".checkpoint.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(model, cfg, staging, metrics=metrics)
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    names = sorted(p.name for p in staging.iterdir() if p.name != "meta.json") + ["meta.json"]
+    for name in names:
+        dst = out_dir / name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        os.replace(staging / name, dst)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, resume: bool = True) -> TrainResult:
+    """Run a recipe. `init` (fine-tuning) is a checkpoint folder whose weights start the run."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    info = D.init_distributed(cfg.train.device)
+    device = info.device
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+
+    # Model: fresh (pre-training) or from a checkpoint (fine-tuning: its architecture, this run's depth).
+    if init is not None:
+        model, init_cfg = load_checkpoint(init, device="cpu")
+        cfg = replace(cfg, model=replace(
+            init_cfg.model,
+            image_trainable_blocks=cfg.model.image_trainable_blocks,
+            text_trainable_layers=cfg.model.text_trainable_layers,
+            learn_temperature=cfg.model.learn_temperature,
+        ))
+    else:
+        model = create_model(cfg.model)
+        cfg = replace(cfg, model=model.config)
+    model.set_trainable(cfg.model.image_trainable_blocks, cfg.model.text_trainable_layers)
+    if not cfg.model.learn_temperature:
+        model.logit_scale.requires_grad_(False)
+    model.to(device)
+
+    train_data = load_train_data(cfg)
+    val_data = load_val_data(cfg)
+    use_cache = cfg.train.cache_features
+
+    # Feature cache: rank 0 computes, the others wait and read it.
+    train_cache = val_cache = None
+    if use_cache:
+        if info.is_main:
+            _build_caches(model, cfg, train_data, val_data, device)
+        D.barrier(info)
+        train_cache, val_cache = _build_caches(model, cfg, train_data, val_data, device)
+
+    opt = _optimizer(model, cfg)
+    loss_fn = HierarchicalContrastiveLoss(
+        model.levels, cfg.loss.level_weights, cfg.loss.hard_negative_weight, cfg.loss.hard_negative_margin
+    )
+    step_module: nn.Module = _Step(model)
+    if info.enabled:
+        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    t = cfg.train
+    n_pairs = len(epoch_order(train_data, t.epoch_unit, t.seed, 0))
+    # Each rank takes its slice of every global batch; the global batch is t.batch_size.
+    local_bs = max(1, t.batch_size // info.world_size)
+    batches_per_epoch = math.ceil(n_pairs / t.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
+    total_steps = steps_per_epoch * t.epochs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = out_dir / RESUME_DIR
+    pos = Position()
+    if resume and has_state(resume_dir):
+        pos = load_state(resume_dir, model, opt)
+        log.info("resuming from %s: epoch %d, batch %d, step %d", resume_dir, pos.epoch, pos.batch, pos.step)
+    history: list[dict] = _read_history(out_dir) if pos.step else []
+
+    amp = t.amp and device.type == "cuda"
+    tracker = RunTracker(cfg, enabled=info.is_main)
+    stopped = False
+    step_losses: list[float] = []
+    with tracker:
+        tracker.set_tags({"hivlp.init": init or "", "hivlp.world_size": info.world_size,
+                          "hivlp.cache_features": use_cache, "hivlp.resumed_at_step": pos.step})
+        try:
+            while pos.epoch < t.epochs and not stopped:
+                order = epoch_order(train_data, t.epoch_unit, t.seed, pos.epoch)
+                model.train()
+                loader = _batches(order, t.batch_size, pos.batch)
+                bar = tqdm(loader, total=batches_per_epoch, initial=pos.batch, desc=f"{cfg.recipe} epoch {pos.epoch + 1}/{t.epochs}",
+                           unit="batch", disable=not info.is_main)
+                for b_idx, global_batch in bar:
+                    mine = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
+                    if len(mine) == 0:
+                        mine = global_batch[:1]
+                    losses = _micro_step(step_module, model, loss_fn, mine, train_data, train_cache,
+                                         use_cache, device, amp, t.grad_accum)
+                    pos.batch = b_idx + 1
+                    end_of_epoch = pos.batch == batches_per_epoch
+                    if pos.batch % t.grad_accum and not end_of_epoch:
+                        continue
+                    factor = lr_factor(pos.step, total_steps, t.warmup_steps, t.min_lr_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * factor
+                    if t.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], t.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    pos.step += 1
+                    step_losses.append(losses["loss"])
+                    if info.is_main and (pos.step % t.log_every == 0 or pos.step == 1):
+                        scale = float(model.logit_scale.detach().exp())
+                        tracker.log_metrics({**losses, "lr": opt.param_groups[0]["lr"], "logit_scale": scale}, step=pos.step)
+                        bar.set_postfix(loss=f"{losses['loss']:.3f}", T=f"{1 / scale:.3f}")
+                    if t.save_every_steps and pos.step % t.save_every_steps == 0 and info.is_main:
+                        save_state(resume_dir, model, opt, pos)
+                    if t.max_steps is not None and pos.step >= t.max_steps:
+                        stopped = True
+                        break
+                bar.close()
+                if pos.batch >= batches_per_epoch:
+                    _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, pos, history, t0)
+                    pos.epoch += 1
+                    pos.batch = 0
+                if info.is_main:
+                    save_state(resume_dir, model, opt, pos)
+        except KeyboardInterrupt:
+            if info.is_main:
+                save_state(resume_dir, model, opt, pos)
+                log.warning("interrupted: resume state saved at %s (step %d); re-run the same command to continue",
+                            resume_dir, pos.step)
+            raise
+        D.barrier(info)
+        if info.is_main and pos.best_epoch < 0:
+            # Stopped before any epoch ended (max_steps): still publish what there is, validated.
+            metrics = validate(model, cfg, val_data, val_cache, device)
+            _publish_checkpoint(model, cfg, out_dir, metrics)
+            pos.best_metric = metrics["full"]["r_mean"]
+        if info.is_main and cfg.tracking.log_checkpoint:
+            _log_checkpoint(tracker, out_dir)
+        elapsed = time.time() - t0
+        if info.is_main:
+            tracker.log_metrics({"train_seconds": elapsed, "best_val_r_mean": pos.best_metric})
+    run_id = tracker.run_id
+    D.shutdown(info)
+    return TrainResult(out_dir, pos.best_metric, pos.best_epoch, history, time.time() - t0, run_id, step_losses)
+
+
+def _log_checkpoint(tracker: RunTracker, out_dir: Path) -> None:
+    for name in ("config.yaml", "model.safetensors", "meta.json", "history.json"):
+        if (out_dir / name).is_file():
+            tracker.log_artifact(out_dir / name, "checkpoint")
+
+
+def _build_caches(model, cfg: RunConfig, train_data, val_data, device):
+    t = cfg.train
+    tr_img = image_trunk_features(model, train_data.image_paths, t.cache_dir, device, num_workers=t.num_workers, desc="train images")
+    tr_txt = text_trunk_features(model, train_data.captions, t.cache_dir, device, cfg.data.max_text_tokens, desc="train captions")
+    va_img = image_trunk_features(model, val_data.image_paths, t.cache_dir, device, num_workers=t.num_workers, desc="val images")
+    va_txt = text_trunk_features(model, val_data.captions, t.cache_dir, device, cfg.data.max_text_tokens, desc="val captions")
+    return (tr_img, tr_txt), (va_img, va_txt)
+
+
+def _batches(order: np.ndarray, batch_size: int, start: int):
+    n = math.ceil(len(order) / batch_size)
+    for b in range(start, n):
+        yield b, order[b * batch_size : (b + 1) * batch_size]
+
+
+def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, use_cache, device, amp, accum) -> dict:
+    image_idx = data.text_to_image[caption_idx]
+    if use_cache:
+        (img_feats, txt) = cache
+        img_in = img_feats[torch.as_tensor(image_idx)].float().to(device)
+        cap = torch.as_tensor(caption_idx)
+        text_in = txt.features[cap].float().to(device)
+        mask = txt.mask[cap].long().to(device)
+    else:
+        from hivlp.data.images import load_image
+
+        tf = model.image_tower.transform(train=True)
+        img_in = torch.stack([tf(load_image(data.image_paths[i])) for i in image_idx]).to(device)
+        tok = model.text_tower.tokenize([data.captions[i] for i in caption_idx], max_tokens=40)
+        text_in, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        img_emb, txt_emb = step_module(img_in, text_in, mask, use_cache)
+        total, parts = loss_fn(img_emb.float(), txt_emb.float(), model.logit_scale,
+                               torch.as_tensor(image_idx, device=device))
+    (total / accum).backward()
+    return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+
+
+def _read_history(out_dir: Path) -> list[dict]:
+    import json
+
+    p = out_dir / "history.json"
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, pos: Position, history, t0) -> None:
+    if not info.is_main:
+        D.barrier(info)
+        return
+    metrics = validate(model, cfg, val_data, val_cache, device)
+    r_mean = metrics["full"]["r_mean"]
+    flat = _flat_val_metrics(metrics)
+    tracker.log_metrics(flat, step=pos.step)
+    entry = {"epoch": pos.epoch + 1, "step": pos.step, "seconds": round(time.time() - t0, 1), "metrics": metrics}
+    history.append(entry)
+    improved = r_mean > pos.best_metric
+    if improved:
+        pos.best_metric, pos.best_epoch = r_mean, pos.epoch + 1
+        _publish_checkpoint(model, cfg, out_dir, metrics)
+    atomic_write_json(out_dir / "history.json", history)
+    log.info("epoch %d val (%s):\n%s", pos.epoch + 1, "new best" if improved else f"best {pos.best_metric:.2f}",
+             format_table(metrics))
+    D.barrier(info)

@@ -1,0 +1,133 @@
+"""The hierarchical contrastive loss against brute-force references written with plain loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hivlp.losses import HierarchicalContrastiveLoss
+from hivlp.model import HierarchicalHead
+
+LEVELS = [4, 8, 16]
+
+
+def reference_infonce(img: torch.Tensor, txt: torch.Tensor, scale: float, ids: list[int]) -> float:
+    """Symmetric InfoNCE with per-element loops; captions of the same image are never negatives."""
+    n = img.shape[0]
+    sim = [[float(img[i] @ txt[j]) * scale for j in range(n)] for i in range(n)]
+    i2t = t2i = 0.0
+    for i in range(n):
+        keep = [j for j in range(n) if j == i or ids[j] != ids[i]]
+        i2t += -sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in keep))
+        t2i += -sim[i][i] + math.log(sum(math.exp(sim[j][i]) for j in keep))
+    return 0.5 * (i2t / n + t2i / n)
+
+
+def reference_total(img, txt, logit_scale, ids, levels, weights) -> float:
+    scale = min(math.exp(logit_scale), 100.0)
+    total = sum(weights)
+    out = 0.0
+    for d, w in zip(levels, weights):
+        a = F.normalize(img[:, :d].double(), dim=-1)
+        b = F.normalize(txt[:, :d].double(), dim=-1)
+        out += w / total * reference_infonce(a, b, scale, ids)
+    return out
+
+
+def reference_hinge(img, txt, ids, margin) -> float:
+    a, b = F.normalize(img.double(), dim=-1), F.normalize(txt.double(), dim=-1)
+    n = a.shape[0]
+    s = (a @ b.t()).tolist()
+    per_image = per_caption = 0.0
+    for i in range(n):
+        negs = [j for j in range(n) if ids[j] != ids[i]]
+        per_image += max([max(0.0, margin + s[i][j] - s[i][i]) for j in negs], default=0.0)
+        per_caption += max([max(0.0, margin + s[j][i] - s[i][i]) for j in negs], default=0.0)
+    return per_image / n + per_caption / n
+
+
+@pytest.fixture()
+def batch():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(8, 16, generator=g)
+    txt = img + 0.8 * torch.randn(8, 16, generator=g)  # correlated, so positives score higher
+    return img, txt
+
+
+@pytest.mark.parametrize("ids", [list(range(8)), [0, 0, 1, 2, 2, 2, 3, 4]])
+@pytest.mark.parametrize("weights", [None, [1.0, 2.0, 5.0]])
+def test_matches_brute_force_reference(batch, ids, weights):
+    img, txt = batch
+    loss_fn = HierarchicalContrastiveLoss(LEVELS, level_weights=weights)
+    logit_scale = torch.tensor(math.log(1 / 0.07))
+    total, parts = loss_fn(img, txt, logit_scale, torch.tensor(ids))
+    w = weights or [1.0] * len(LEVELS)
+    assert total.item() == pytest.approx(reference_total(img, txt, logit_scale.item(), ids, LEVELS, w), rel=1e-5)
+    for d in LEVELS:
+        a, b = F.normalize(img[:, :d].double(), dim=-1), F.normalize(txt[:, :d].double(), dim=-1)
+        assert parts[f"loss_d{d}"].item() == pytest.approx(reference_infonce(a, b, 1 / 0.07, ids), rel=1e-5)
+
+
+def test_logit_scale_is_clamped_at_100(batch):
+    img, txt = batch
+    loss_fn = HierarchicalContrastiveLoss(LEVELS)
+    big, _ = loss_fn(img, txt, torch.tensor(math.log(1000.0)))
+    at_cap, _ = loss_fn(img, txt, torch.tensor(math.log(100.0)))
+    assert big.item() == pytest.approx(at_cap.item(), rel=1e-6)
+
+
+def test_captions_of_the_same_image_are_not_negatives(batch):
+    img, txt = batch
+    img = img.clone()
+    img[1] = img[0]  # rows 0 and 1: two captions of one image
+    loss_fn = HierarchicalContrastiveLoss(LEVELS)
+    scale = torch.tensor(math.log(1 / 0.05))
+    masked, _ = loss_fn(img, txt, scale, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
+    as_negative, _ = loss_fn(img, txt, scale, torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]))
+    assert masked.item() < as_negative.item()
+    ids = [0, 0, 1, 2, 3, 4, 5, 6]
+    assert masked.item() == pytest.approx(reference_total(img, txt, scale.item(), ids, LEVELS, [1.0] * 3), rel=1e-5)
+    # No ids: every row is its own image.
+    no_ids, _ = loss_fn(img, txt, scale)
+    assert no_ids.item() == pytest.approx(as_negative.item(), rel=1e-6)
+
+
+def test_gradients_reach_heads_and_temperature():
+    torch.manual_seed(0)
+    image_head, text_head = HierarchicalHead(12, 16, "mlp", hidden=8), HierarchicalHead(6, 16)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.05)))
+    img_feats, txt_feats = torch.randn(6, 12), torch.randn(6, 6)
+    loss_fn = HierarchicalContrastiveLoss(LEVELS, hard_negative_weight=0.5)
+    total, _ = loss_fn(image_head(img_feats), text_head(txt_feats), logit_scale, torch.arange(6))
+    total.backward()
+    for p in [*image_head.parameters(), *text_head.parameters(), logit_scale]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_hard_negative_term():
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(8, 16, generator=g)
+    txt = img + 2.0 * torch.randn(8, 16, generator=g)  # noisy enough for margin violations
+    ids = [0, 0, 1, 2, 2, 3, 4, 5]
+    scale = torch.tensor(math.log(1 / 0.05))
+    plain, parts0 = HierarchicalContrastiveLoss(LEVELS)(img, txt, scale, torch.tensor(ids))
+    levels_only = sum(parts0[f"loss_d{d}"] for d in LEVELS) / len(LEVELS)
+    assert plain.item() == pytest.approx(levels_only.item(), rel=1e-6)  # weight 0: no hinge in the total
+
+    with_hard, parts = HierarchicalContrastiveLoss(LEVELS, hard_negative_weight=0.5, margin=0.2)(
+        img, txt, scale, torch.tensor(ids)
+    )
+    hard = parts["loss_hard"].item()
+    assert hard > 0
+    assert hard == pytest.approx(reference_hinge(img, txt, ids, 0.2), rel=1e-5)
+    assert with_hard.item() == pytest.approx(plain.item() + 0.5 * hard, rel=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="3 levels"):
+        HierarchicalContrastiveLoss(LEVELS, level_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="fewer than level 16"):
+        HierarchicalContrastiveLoss(LEVELS)(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(1.0))
