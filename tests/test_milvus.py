@@ -1,0 +1,272 @@
+"""Milvus dual-collection index on real Milvus Lite, over real embeddings of 32 Flickr8k val images.
+
+One .db per module (Milvus Lite opens a file in one process at a time); the locked-file test
+uses its own .db held by a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from hivlp.cli import main
+from hivlp.config import RunConfig
+from hivlp.export import TEXT_ID_OFFSET, batch_embeddings, export_embeddings, load_embeddings, read_manifest
+from hivlp.retrieval.engine import CoarseToFineEngine, ExactEngine
+from hivlp.retrieval.milvus import (
+    DimensionMismatchError,
+    IndexNotReadyError,
+    MilvusDualIndex,
+    MilvusLockedError,
+    MilvusUnavailableError,
+    bench_rows,
+    evaluate_milvus,
+)
+from tests.conftest import write_slice
+from tests.test_export import real_model
+
+SHORTLIST = 16  # half the 32 images: the coarse pass really prunes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from hivlp.model import save_checkpoint
+
+    return save_checkpoint(real_model(), RunConfig(), tmp_path_factory.mktemp("ckpt") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, flickr8k_raw, checkpoint):
+    """Export of 32 val images + 160 captions with the real model (pretrained towers, untrained head)."""
+    data = write_slice(flickr8k_raw, tmp_path_factory.mktemp("val32"), n_train=0, n_val=32)
+    out = tmp_path_factory.mktemp("emb") / "val"
+    export_embeddings(checkpoint, data, "val", out, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def arrays(exported):
+    """(image ids, image vectors, text ids, text vectors, text_to_image row index) from the export."""
+    t = load_embeddings(exported)
+    kinds = np.array(t.column("kind").to_pylist())
+    ids = np.array(t.column("id").to_pylist(), dtype=np.int64)
+    imgid = np.array(t.column("imgid").to_pylist(), dtype=np.int64)
+    emb = batch_embeddings(t)
+    img, txt = kinds == "image", kinds == "text"
+    row_of = {g: r for r, g in enumerate(ids[img])}
+    return ids[img], emb[img], ids[txt], emb[txt], np.array([row_of[g] for g in imgid[txt]])
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("milvus") / "nested" / "hivlp.db")  # parent created on open
+
+
+@pytest.fixture(scope="module")
+def index(db, exported):
+    idx = MilvusDualIndex(db, "val")
+    summary = idx.build(exported, coarse_dim=64, index="HNSW", batch_size=50, progress=False)
+    assert summary["status"] == "built"
+    yield idx
+    idx.close()
+
+
+def overlap10(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(x[:10]) & set(y[:10])) / 10 for x, y in zip(a, b)]))
+
+
+def test_build_counts_match_manifest_and_reindex_changes_nothing(index, exported):
+    m = read_manifest(exported)
+    want = {"image": 32, "text": 160}
+    assert m["counts"] == want
+    assert index.counts() == {"coarse": want, "fine": want}
+    info = index.read_info()
+    assert info.complete and (info.dim, info.coarse_dim) == (512, 64)
+    assert info.weights_sha256 == m["weights_sha256"]
+    again = MilvusDualIndex(index.uri, "val").build(exported, coarse_dim=64, index="HNSW", progress=False)
+    assert again["status"] == "unchanged" and again["upserted"] == 0
+    assert index.counts() == {"coarse": want, "fine": want}
+
+
+def test_text_to_image_agrees_with_in_memory_engine(index, arrays):
+    img_ids, img, _, txt, _ = arrays
+    got = index.search(txt, k=10, shortlist=SHORTLIST, kind="image")
+    ref = CoarseToFineEngine(img, img_ids, coarse_dim=64, shortlist=SHORTLIST).search(txt, 10)
+    assert got.ids.shape == (160, 10)
+    assert overlap10(got.ids, ref.ids) >= 0.99
+    same = got.ids == ref.ids
+    np.testing.assert_allclose(got.scores[same], ref.scores[same], atol=1e-5)
+    # with a shortlist of every image the answer is the exact full-dim search
+    exact = ExactEngine(img, img_ids).search(txt, 10)
+    assert overlap10(index.search(txt, k=10, shortlist=32).ids, exact.ids) >= 0.99
+
+
+def test_image_to_text_searches_captions_only(index, arrays):
+    img_ids, img, txt_ids, txt, _ = arrays
+    got = index.search(img, k=10, shortlist=50, kind="text")
+    assert (got.ids >= TEXT_ID_OFFSET).all()
+    ref = CoarseToFineEngine(txt, txt_ids, coarse_dim=64, shortlist=50).search(img, 10)
+    assert overlap10(got.ids, ref.ids) >= 0.99
+    one = index.search(txt[0], k=3, kind="image")  # a single [D] query gives [1, k]
+    assert one.ids.shape == (1, 3) and (one.ids < TEXT_ID_OFFSET).all()
+    assert index.describe(one.ids[0])[int(one.ids[0, 0])]["kind"] == "image"
+
+
+def test_ivf_index_of_images_only_agrees_too(db, exported, arrays):
+    img_ids, img, _, txt, _ = arrays
+    idx = MilvusDualIndex(db, "val_ivf")
+    idx.build(exported, index="IVF_FLAT", kinds=["image"], progress=False)
+    assert idx.read_info().kinds == ("image",)
+    ref = CoarseToFineEngine(img, img_ids, coarse_dim=64, shortlist=SHORTLIST).search(txt, 10)
+    assert overlap10(idx.search(txt, k=10, shortlist=SHORTLIST).ids, ref.ids) >= 0.99
+    with pytest.raises(Exception, match="not 'text'"):
+        idx.search(img, kind="text")
+    idx.drop()
+
+
+def test_interrupted_build_is_refused_then_completed(db, exported, arrays):
+    idx = MilvusDualIndex(db, "part")
+    stopped = idx.build(exported, max_rows=70, batch_size=25, progress=False)
+    assert stopped["status"] == "incomplete" and stopped["upserted"] == 70
+    assert not idx.read_info().complete
+    assert sum(idx.counts()["fine"].values()) == 70
+    with pytest.raises(IndexNotReadyError, match="incomplete .* re-run `hivlp index"):
+        idx.search(arrays[3][:2])
+    rerun = MilvusDualIndex(db, "part").build(exported, batch_size=25, progress=False)
+    assert rerun["status"] == "built"
+    assert idx.counts()["coarse"] == {"image": 32, "text": 160}
+    assert idx.search(arrays[3][:2], k=5).ids.shape == (2, 5)
+    idx.drop()
+
+
+def test_rows_lost_or_added_behind_a_complete_index_are_repaired(db, exported):
+    idx = MilvusDualIndex(db, "lossy")
+    idx.build(exported, progress=False)
+    client = idx._client
+    client.delete("lossy_fine", ids=[int(i) for i in idx.search(np.ones(512), k=3).ids[0]])
+    assert idx.counts()["fine"]["image"] == 29
+    again = MilvusDualIndex(db, "lossy").build(exported, progress=False)
+    assert again["status"] == "built" and again["upserted"] == 192
+    assert idx.counts()["fine"] == {"image": 32, "text": 160}
+    # a row the export does not have (e.g. written by hand): the index is rebuilt without it
+    row = client.get("lossy_coarse", ids=[int(idx.search(np.ones(512), k=1).ids[0, 0])])[0]
+    client.insert("lossy_coarse", [dict(row, id=123456789)], partition_name="image")
+    client.flush("lossy_coarse")
+    assert idx.counts()["coarse"]["image"] == 33
+    assert MilvusDualIndex(db, "lossy").build(exported, progress=False)["status"] == "built"
+    assert idx.counts() == {"coarse": {"image": 32, "text": 160}, "fine": {"image": 32, "text": 160}}
+    idx.drop()
+
+
+def test_query_dim_mismatch_names_both_dims(index):
+    with pytest.raises(DimensionMismatchError, match="256-d .* holds 512-d"):
+        index.search(np.ones((2, 256), dtype=np.float32))
+
+
+def test_missing_index_says_how_to_build_it(db):
+    with pytest.raises(IndexNotReadyError, match="no index named 'nothing'.*hivlp index"):
+        MilvusDualIndex(db, "nothing").search(np.ones(512))
+
+
+def test_unreachable_server_fails_fast_naming_the_uri():
+    t = time.perf_counter()
+    with pytest.raises(MilvusUnavailableError, match="http://127.0.0.1:1"):
+        MilvusDualIndex("http://127.0.0.1:1", "x")
+    assert time.perf_counter() - t < 10
+
+
+def test_cli_index_to_unreachable_uri_is_a_clean_error(exported, capsys):
+    assert main(["index", "--embeddings", str(exported), "--uri", "http://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach Milvus at http://127.0.0.1:1" in err and "Traceback" not in err
+
+
+def test_lite_file_held_by_another_process(tmp_path):
+    held = tmp_path / "held.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pymilvus import MilvusClient
+            MilvusClient({str(held)!r})
+            print("ready", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(MilvusLockedError, match=f"{held} is locked by another process.*one process at a time"):
+            MilvusDualIndex(str(held), "x")
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    MilvusDualIndex(str(held), "x").close()  # free again once the holder exits
+
+
+def test_cli_search_text_json_and_dim_mismatch(index, checkpoint, db, capsys):
+    code = main(["search", "--uri", db, "--name", "val", "--text", "a dog runs on the beach",
+                 "--k", "5", "--checkpoint", str(checkpoint), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    hits = out["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5] and out["searched"] == "image"
+    assert all(h["kind"] == "image" and h["filename"].endswith(".jpg") for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+    small = MilvusDualIndex(db, "small256")
+    rng = np.random.default_rng(0)
+    small.build_from_arrays(
+        rng.standard_normal((8, 256)), np.arange(8), ["image"] * 8, coarse_dim=32, progress=False
+    )
+    code = main(["search", "--uri", db, "--name", "small256", "--text", "a dog", "--checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert code == 2 and "512-d embeddings" in err and "holds 256-d vectors" in err
+    small.drop()
+    assert main(["search", "--uri", db, "--text", "x", "--model-uri", "models:/hivlp@champion"]) == 2
+    assert "not supported yet" in capsys.readouterr().err
+
+
+def test_cli_index_builds_then_is_idempotent(exported, db, capsys):
+    args = ["index", "--embeddings", str(exported), "--uri", db, "--name", "cli", "--index", "flat",
+            "--no-progress"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["status"] == "built" and first["counts"] == {"image": 32, "text": 160}
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "unchanged"
+    MilvusDualIndex(db, "cli").drop()
+
+
+def test_evaluate_milvus_matches_in_memory_coarse_to_fine(index, db, arrays):
+    from hivlp.retrieval.evaluate import coarse_to_fine_ranks
+    from hivlp.retrieval.metrics import RECALL_KEYS, recall_from_ranks
+
+    _, img, _, txt, t2i = arrays
+    got = evaluate_milvus(img, txt, t2i, uri=db, name="ev", coarse_dim=64, shortlist=SHORTLIST)
+    ref = recall_from_ranks(*coarse_to_fine_ranks(img, txt, t2i, 64, SHORTLIST))
+    assert set(got) == set(RECALL_KEYS)
+    for key in RECALL_KEYS:  # at most one query may differ (float ties at the shortlist edge)
+        tol = 100 / (len(img) if key.startswith("txt") else len(txt)) + 1e-9
+        assert abs(got[key] - ref[key]) <= tol, key
+    assert not any(c.startswith("ev_eval") for c in index._client.list_collections())
+
+
+def test_bench_rows_full_vs_coarse_to_fine(tmp_path, arrays):
+    img_ids, img, _, txt, t2i = arrays
+    rows = bench_rows(
+        img, img_ids, txt, img_ids[t2i], coarse_dim=64, shortlist=32, k=10, workdir=tmp_path, n_single=5
+    )
+    assert [r["method"] for r in rows] == ["milvus_full", "milvus_c2f"]
+    exact = ExactEngine(img, img_ids).search(txt, 10).ids
+    r1 = float(np.mean(exact[:, 0] == img_ids[t2i]))
+    for r in rows:
+        assert r["n"] == 32 and r["ms_single"] > 0 and r["ms_batch"] > 0
+        assert r["agree10"] >= 0.99  # 32 items: HNSW is exact, and the shortlist holds every image
+        assert abs(r["r1"] - r1) <= 1 / len(txt) + 1e-9
+    assert rows[0]["bytes_per_item"] == 4 * 512 and rows[1]["bytes_per_item"] == 4 * 64
