@@ -1,0 +1,76 @@
+"""Pre-training and fine-tuning (`hivlp pretrain` / `hivlp finetune`): one engine, two recipes.
+
+`overrides` are `key=value` config fields as on the CLI's `--set` (e.g. `train.lr=1e-4`). The
+checkpoint is the Model artifact; the MLflow run id comes back as an output for the promote step.
+"""
+
+from typing import List, NamedTuple
+
+from kfp.dsl import Input, Metrics, Model, Output
+
+from components.base import hivlp_component
+
+
+@hivlp_component
+def pretrain(
+    dataset_json: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    image_root: str = "",
+    epochs: int = 1,
+    overrides: List[str] = [],
+    config: str = "configs/pretrain.yaml",
+    mlflow_tracking_uri: str = "",
+) -> NamedTuple("TrainOutputs", [("run_id", str), ("best_val_r_mean", float)]):
+    """Train the hierarchical heads (and the top of the towers) from the pretrained towers."""
+    import json
+    import os
+    import shutil
+
+    from hivlp.config import load_config
+    from hivlp.train.engine import RESUME_DIR, train
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    sets = [f"data.datasets=[{json.dumps(dataset_json)}]", f"train.epochs={epochs}", *overrides]
+    if image_root:
+        sets.append(f"data.image_root={json.dumps(image_root)}")
+    result = train(load_config(config, sets), model.path)
+    shutil.rmtree(os.path.join(model.path, RESUME_DIR), ignore_errors=True)  # optimizer state: not part of the model
+    metrics.log_metric("best_val_r_mean", result.best_metric)
+    metrics.log_metric("train_minutes", result.seconds / 60)
+    model.metadata.update({"recipe": "pretrain", "best_epoch": result.best_epoch, "mlflow_run_id": result.run_id or ""})
+    return (result.run_id or "", result.best_metric)
+
+
+@hivlp_component
+def finetune(
+    dataset_json: str,
+    init: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    image_root: str = "",
+    epochs: int = 1,
+    overrides: List[str] = [],
+    config: str = "configs/finetune.yaml",
+    mlflow_tracking_uri: str = "",
+) -> NamedTuple("TrainOutputs", [("run_id", str), ("best_val_r_mean", float)]):
+    """Continue from the pre-trained checkpoint `init` with the fine-tuning recipe."""
+    import json
+    import os
+    import shutil
+
+    from hivlp.config import load_config
+    from hivlp.train.engine import RESUME_DIR, train
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    sets = [f"data.datasets=[{json.dumps(dataset_json)}]", f"train.epochs={epochs}", *overrides]
+    if image_root:
+        sets.append(f"data.image_root={json.dumps(image_root)}")
+    result = train(load_config(config, sets), model.path, init=init.path)
+    shutil.rmtree(os.path.join(model.path, RESUME_DIR), ignore_errors=True)
+    metrics.log_metric("best_val_r_mean", result.best_metric)
+    metrics.log_metric("train_minutes", result.seconds / 60)
+    model.metadata.update({"recipe": "finetune", "best_epoch": result.best_epoch, "mlflow_run_id": result.run_id or ""})
+    return (result.run_id or "", result.best_metric)
