@@ -193,6 +193,21 @@ def _stage_checkpoint(checkpoint_dir: Path, into: Path) -> Path:
     return out
 
 
+def _training_run_id(client: MlflowClient, ckpt: Path) -> str | None:
+    """The MLflow run that trained the checkpoint (meta.json), if it lives in this tracking store."""
+    try:
+        rid = json.loads((ckpt / "meta.json").read_text()).get("mlflow_run_id")
+    except (OSError, ValueError):
+        return None
+    if not rid:
+        return None
+    try:
+        client.get_run(rid)
+    except MlflowException:
+        return None
+    return rid
+
+
 def log_model(
     checkpoint_dir: str | Path,
     run_id: str | None = None,
@@ -202,11 +217,14 @@ def log_model(
 ) -> ModelInfo:
     """Log a checkpoint as a pyfunc model and register it as a new version of `name`.
 
-    With `run_id` the model joins that (training) run; without, a run named "register" is started in
+    With `run_id` (default: the training run recorded in the checkpoint's meta.json, when it is in
+    this tracking store) the model joins that run; without one, a run named "register" is started in
     `experiment`. The version is tagged with the checkpoint's weights sha256 and source folder.
     """
     ckpt = Path(checkpoint_dir)
     client = connect(tracking_uri)
+    if run_id is None:
+        run_id = _training_run_id(client, ckpt)
     if run_id is not None:
         _get_run(client, run_id)
         run = mlflow.start_run(run_id=run_id)

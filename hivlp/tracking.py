@@ -60,7 +60,12 @@ class RunTracker:
         mlflow.set_tracking_uri(tracking_uri(self.cfg))
         exp = mlflow.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
-            mlflow.create_experiment(self.cfg.experiment, artifact_location=artifact_location(self.cfg))
+            uri = tracking_uri(self.cfg)
+            # A tracking server chooses its own artifact store; a local store gets an explicit folder.
+            local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+            mlflow.create_experiment(
+                self.cfg.experiment, artifact_location=artifact_location(self.cfg) if local else None
+            )
         mlflow.set_experiment(self.cfg.experiment)
         run = mlflow.start_run(
             run_name=self.cfg.run_name or self.run_config.recipe,

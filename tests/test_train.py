@@ -68,7 +68,7 @@ def test_overfits_a_real_slice(slice_json, cache_dir, tmp_path):
 
 def test_resume_gives_the_same_weights(slice_json, cache_dir, tmp_path):
     """Stop after 3 steps, resume to 6: identical weights to an uninterrupted 6-step run."""
-    extra = ("train.epochs=2", "train.lr=2e-3", "train.save_every_steps=1")
+    extra = ("train.epochs=2", "train.lr=2e-3")
     straight = train(_cfg(slice_json, cache_dir, *extra, "train.max_steps=13"), tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     first = train(_cfg(slice_json, cache_dir, *extra, "train.max_steps=7"), interrupted)

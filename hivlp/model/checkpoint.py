@@ -27,9 +27,16 @@ _REQUIRED = ("config.yaml", "model.safetensors")
 
 
 def save_checkpoint(
-    model: DualEncoder, run_config: RunConfig, out_dir: str | Path, metrics: dict | None = None
+    model: DualEncoder,
+    run_config: RunConfig,
+    out_dir: str | Path,
+    metrics: dict | None = None,
+    extra_meta: dict | None = None,
 ) -> Path:
-    """Write the checkpoint folder atomically (a crash leaves the previous one, or nothing)."""
+    """Write the checkpoint folder atomically (a crash leaves the previous one, or nothing).
+
+    `extra_meta` adds provenance to meta.json (e.g. the MLflow run id and epoch that produced it).
+    """
     cfg = copy.deepcopy(run_config)
     cfg.model = copy.deepcopy(model.config)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -49,6 +56,7 @@ def save_checkpoint(
                 "text_tower": model.config.text_tower,
                 "metrics": metrics or {},
                 "weights_sha256": sha256_file(tmp / "model.safetensors"),
+                **(extra_meta or {}),
             },
         )
     return out

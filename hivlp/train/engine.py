@@ -207,7 +207,7 @@ class TrainResult:
     step_losses: list[float]  # total loss at every optimizer step of this process (rank 0's view)
 
 
-def _publish_checkpoint(model, cfg: RunConfig, out_dir: Path, metrics: dict) -> None:
+def _publish_checkpoint(model, cfg: RunConfig, out_dir: Path, metrics: dict, provenance: dict) -> None:
     """Write the best checkpoint into out_dir beside the resume state.
 
     It is staged whole first; meta.json (which holds the weights' sha256 and marks a complete
@@ -216,7 +216,7 @@ def _publish_checkpoint(model, cfg: RunConfig, out_dir: Path, metrics: dict) -> 
     """
     staging = out_dir / ".checkpoint.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(model, cfg, staging, metrics=metrics)
+    save_checkpoint(model, cfg, staging, metrics=metrics, extra_meta=provenance)
     (out_dir / "meta.json").unlink(missing_ok=True)
     names = sorted(p.name for p in staging.iterdir() if p.name != "meta.json") + ["meta.json"]
     for name in names:
@@ -249,8 +249,8 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         model = create_model(cfg.model)
         cfg = replace(cfg, model=model.config)
     model.set_trainable(cfg.model.image_trainable_blocks, cfg.model.text_trainable_layers)
-    if not cfg.model.learn_temperature:
-        model.logit_scale.requires_grad_(False)
+    model.config.learn_temperature = cfg.model.learn_temperature
+    model.logit_scale.requires_grad_(cfg.model.learn_temperature)
     model.to(device)
 
     train_data = load_train_data(cfg)
@@ -348,7 +348,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         if info.is_main and pos.best_epoch < 0:
             # Stopped before any epoch ended (max_steps): still publish what there is, validated.
             metrics = validate(model, cfg, val_data, val_cache, device)
-            _publish_checkpoint(model, cfg, out_dir, metrics)
+            _publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
             pos.best_metric = metrics["full"]["r_mean"]
         if info.is_main and cfg.tracking.log_checkpoint:
             _log_checkpoint(tracker, out_dir)
@@ -358,6 +358,10 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     run_id = tracker.run_id
     D.shutdown(info)
     return TrainResult(out_dir, pos.best_metric, pos.best_epoch, history, time.time() - t0, run_id, step_losses)
+
+
+def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position) -> dict:
+    return {"mlflow_run_id": tracker.run_id, "recipe": cfg.recipe, "epoch": pos.epoch + 1, "step": pos.step}
 
 
 def _log_checkpoint(tracker: RunTracker, out_dir: Path) -> None:
@@ -424,7 +428,7 @@ def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, 
     improved = r_mean > pos.best_metric
     if improved:
         pos.best_metric, pos.best_epoch = r_mean, pos.epoch + 1
-        _publish_checkpoint(model, cfg, out_dir, metrics)
+        _publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
     atomic_write_json(out_dir / "history.json", history)
     log.info("epoch %d val (%s):\n%s", pos.epoch + 1, "new best" if improved else f"best {pos.best_metric:.2f}",
              format_table(metrics))
