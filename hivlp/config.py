@@ -61,6 +61,7 @@ class LossConfig:
     level_weights: list[float] | None = None  # one per level; default equal
     hard_negative_weight: float = 0.0
     hard_negative_margin: float = 0.2
+    distill_weight: float = 0.0  # KL of each lower level's similarities towards the full level's
 
 
 @dataclass

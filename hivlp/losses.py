@@ -41,8 +41,21 @@ def max_violation_hinge(sim: torch.Tensor, exclude: torch.Tensor, margin: float)
     return cost_caption.max(dim=1).values.mean() + cost_image.max(dim=0).values.mean()
 
 
+def distillation(student: torch.Tensor, teacher: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the row and column softmaxes; the teacher (full level) gets no gradient."""
+    student = student.masked_fill(exclude, float("-inf"))
+    teacher = teacher.detach().masked_fill(exclude, float("-inf"))
+    loss = 0.0
+    for s_logits, t_logits in ((student, teacher), (student.t(), teacher.t())):
+        t_prob = t_logits.softmax(dim=-1)
+        kl = t_prob * (t_logits.log_softmax(dim=-1) - s_logits.log_softmax(dim=-1))
+        loss = loss + kl.nan_to_num(0.0).sum(dim=-1).mean()
+    return 0.5 * loss
+
+
 class HierarchicalContrastiveLoss(nn.Module):
-    """Weighted multi-level symmetric InfoNCE, plus an optional hardest-negative hinge on the full level."""
+    """Weighted multi-level symmetric InfoNCE, plus an optional hardest-negative hinge on the full level
+    and an optional self-distillation of every lower level towards the full level's similarities."""
 
     def __init__(
         self,
@@ -50,6 +63,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         level_weights: Sequence[float] | None = None,
         hard_negative_weight: float = 0.0,
         margin: float = 0.2,
+        distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.levels = list(levels)
@@ -64,6 +78,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         self.level_weights = [w / total for w in weights]
         self.hard_negative_weight = float(hard_negative_weight)
         self.margin = float(margin)
+        self.distill_weight = float(distill_weight)
 
     def forward(
         self,
@@ -82,13 +97,19 @@ class HierarchicalContrastiveLoss(nn.Module):
         scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         parts: dict[str, torch.Tensor] = {}
         total = image_emb.new_zeros(())
+        sims = []
         for dim, weight in zip(self.levels, self.level_weights):
             img = F.normalize(image_emb[:, :dim], dim=-1)
             txt = F.normalize(text_emb[:, :dim], dim=-1)
             sim = img @ txt.t()
+            sims.append(sim)
             loss = symmetric_infonce(scale * sim, exclude)
             parts[f"loss_d{dim}"] = loss.detach()
             total = total + weight * loss
+        if self.distill_weight > 0 and len(sims) > 1:
+            kd = sum(distillation(scale * s, scale * sims[-1], exclude) for s in sims[:-1]) / (len(sims) - 1)
+            parts["loss_distill"] = kd.detach()
+            total = total + self.distill_weight * kd
         # `sim` is now the full (last) level's cosine matrix.
         hard = max_violation_hinge(sim, exclude, self.margin)
         parts["loss_hard"] = hard.detach()

@@ -131,3 +131,25 @@ def test_bad_arguments():
         HierarchicalContrastiveLoss(LEVELS, level_weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="fewer than level 16"):
         HierarchicalContrastiveLoss(LEVELS)(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(1.0))
+
+
+def test_distillation_term_is_a_kl_towards_the_full_level():
+    from hivlp.losses import distillation, same_image_mask
+
+    torch.manual_seed(0)
+    img = torch.randn(16, 64, requires_grad=True)
+    txt = torch.randn(16, 64)
+    scale = torch.tensor(3.0)
+    ids = torch.arange(16) // 2  # pairs of captions of the same image
+    t0, p0 = HierarchicalContrastiveLoss([16, 64])(img, txt, scale, ids)
+    t1, p1 = HierarchicalContrastiveLoss([16, 64], distill_weight=1.0)(img, txt, scale, ids)
+    assert "loss_distill" not in p0 and p1["loss_distill"] > 0
+    torch.testing.assert_close(t1, t0 + p1["loss_distill"])
+    exclude = same_image_mask(ids, 16, img.device)
+    full = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+    low = F.normalize(img[:, :16], dim=-1) @ F.normalize(txt[:, :16], dim=-1).t()
+    assert float(distillation(3 * full, 3 * full, exclude)) < 1e-6  # identical similarities: no KL
+    # The teacher (full level) gets no gradient: only the student's similarities move the term.
+    teacher = (3 * full).detach().requires_grad_(True)
+    distillation(3 * low, teacher, exclude).backward()
+    assert teacher.grad is None or float(teacher.grad.abs().sum()) == 0.0

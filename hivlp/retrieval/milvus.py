@@ -783,8 +783,8 @@ def bench_rows(
             rows.append({
                 "method": method, "n": n, "ms_single": ms_single, "ms_batch": ms_batch,
                 "bytes_per_item": bpi,
-                "r1": float(np.mean(ids[:, 0] == true_ids)),
-                "r10": float(np.mean((ids[:, :10] == true_ids[:, None]).any(axis=1))),
+                "r1": 100.0 * float(np.mean(ids[:, 0] == true_ids)),
+                "r10": 100.0 * float(np.mean((ids[:, :10] == true_ids[:, None]).any(axis=1))),
                 "agree10": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids[:, :10], exact)])),
                 "build_s": build_s,
             })

@@ -1,0 +1,1 @@
+"""Benchmarks: measured speed and quality of retrieval, written as JSON + plots under bench/results/."""

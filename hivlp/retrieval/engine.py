@@ -1,0 +1,478 @@
+"""In-memory search engines: exact full-dim search and coarse-to-fine search over nested embeddings.
+
+All engines share one interface, `SearchEngine.search(queries, k) -> SearchResult`, which the Milvus
+dual-collection index (`hivlp.retrieval.milvus`) implements too. Queries and gallery vectors are
+full-dim and may be unnormalised; every level is compared as cosine similarity (prefix cut, then
+L2 normalisation), so scores are comparable across engines.
+
+Coarse-to-fine: scan all N items with a cheap code of a low-dim prefix, keep a shortlist of K,
+re-rank it with the full vectors (optionally through intermediate levels first). The gain comes from
+bytes scanned per item; kernels were chosen by measuring on a 2-core AVX-512 EPYC (see bench/README.md):
+
+- fp32: the renormalised prefix; one query at a time through FAISS's SIMD inner-product loop
+  (1.3-2.5x faster than OpenBLAS gemv here), batches through a BLAS matmul (4*d bytes/item);
+- int8: per-dimension symmetric int8 codes scored by PyTorch's fbgemm/oneDNN int8 GEMM
+  (`quantized.linear_dynamic`; numpy int8 matmul and `torch._int_mm` were 10-30x slower here);
+- binary: sign bits of random orthogonal projections of the prefix (SimHash: the Hamming distance
+  estimates the angle), all distances by FAISS's popcount kernel `faiss.hammings`, then the same
+  top-k selection as the other codes (bits/8 bytes/item; `IndexBinaryFlat.search` was as fast for
+  a shortlist of 1000 and 1.5-3x slower for 4000, as its heap grows).
+  Sign bits of the raw coordinates weigh every dimension equally, and nested embeddings put most
+  of their variance in the first dimensions, so they shortlist poorly.
+
+Final rankings break ties towards the lower gallery row (the FAISS kernels excepted), so a
+shortlist of N gives the exact engine's answer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hivlp.errors import UsageError
+
+CODES = ("fp32", "int8", "binary")
+DEFAULT_COARSE_DIM = 64
+# Binary codes: sign bits per prefix dimension (256 bits = 32 bytes/item for a 64-d prefix, half of
+# what int8 codes of the same prefix cost).
+DEFAULT_BITS_PER_DIM = 4
+KERNELS = ("numpy", "faiss")
+# Query blocks are sized so one block's score matrix stays under this many float32 scores (128 MB).
+_SCORE_BLOCK = 1 << 25
+# Gallery rows normalised per step when building an engine (bounds temporary memory).
+_ROW_BLOCK = 1 << 16
+# Rows up to this length are selected with one vectorised partition per query block.
+_SHORT_ROW = 8192
+# Shortlisted float32 values gathered per re-rank block (64 MB).
+_GATHER_BLOCK = 1 << 24
+# A re-rank list of at least 1/_DENSE_SHARE of the gallery is scored by one dense matmul.
+_DENSE_SHARE = 8
+# Up to this many queries, the fp32 coarse pass scores each alone with FAISS's inner-product loop.
+_FAISS_QUERIES = 4
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k per query, best first: gallery ids [Q, k] int64 and cosine scores [Q, k] float32."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class SearchEngine(ABC):
+    """Anything that answers top-k queries over a gallery of full-dim embeddings."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
+        """Top-k gallery items for one query [D] or a batch [Q, D]; always returns [Q, k] arrays."""
+
+
+def set_threads(n: int) -> None:
+    """Use `n` threads in every kernel the engines call: BLAS (numpy), FAISS and PyTorch.
+
+    Process-wide, as the libraries' own settings are.
+    """
+    import faiss
+    import threadpoolctl
+    import torch
+
+    if n < 1:
+        raise UsageError(f"threads must be >= 1, got {n}")
+    threadpoolctl.threadpool_limits(n)
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+def l2_normalize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows of `x` scaled to unit length, as float32, in blocks (into `out`, which may be `x`).
+
+    Raises UsageError naming the first row that is all zeros or not finite.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise UsageError(f"expected a 2-D [n, dim] array of embeddings, got shape {x.shape}")
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    for a in range(0, len(x), _ROW_BLOCK):
+        block = np.asarray(x[a : a + _ROW_BLOCK], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1)
+        bad = ~np.isfinite(norms) | (norms == 0)
+        if bad.any():
+            row = a + int(np.flatnonzero(bad)[0])
+            raise UsageError(
+                f"embedding row {row} is {'all zeros' if norms[row - a] == 0 else 'not finite'}; "
+                "it has no direction to search by (check the encoder output for that item)"
+            )
+        np.divide(block, norms[:, None], out=out[a : a + _ROW_BLOCK])
+    return out
+
+
+def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of a [Q, N] score matrix: (columns [Q, k], scores [Q, k]), best first.
+
+    Exact, ties towards the lower column. Short rows go through one vectorised partition (rows
+    with ties at the k-th score are redone one by one); long rows (one query over a big gallery)
+    through `_topk_row`, which avoids partitioning all N scores.
+    """
+    q, n = scores.shape
+    k = min(k, n)
+    if n > _SHORT_ROW:
+        idx = np.empty((q, k), dtype=np.int64)
+        val = np.empty((q, k), dtype=np.float32)
+        for i in range(q):
+            idx[i], val[i] = _topk_row(scores[i], k)
+        return idx, val
+    # The k-th largest score of each row; the columns reaching it come out of flatnonzero in
+    # ascending order, so the stable sort below sends ties to the lower column.
+    kth = np.partition(scores, n - k, axis=1)[:, n - k]
+    reach = scores >= kth[:, None]
+    flat = np.flatnonzero(reach)
+    if len(flat) == q * k:  # no row has scores tied with its k-th: exactly k columns per row
+        top = (flat % n).reshape(q, k)
+        val = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-val, axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(val, order, axis=1).astype(np.float32)
+    idx = np.empty((q, k), dtype=np.int64)
+    val = np.empty((q, k), dtype=np.float32)
+    for i in range(q):
+        idx[i], val[i] = _topk_row(scores[i], k)
+    return idx, val
+
+
+def _topk_row(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one row. A strided sample of ~4096 scores gives a threshold that about 2k scores
+    pass; only those are sorted. If fewer than k pass, the exact k-th score is the threshold."""
+    n = len(s)
+    if n <= _SHORT_ROW:
+        cand = np.arange(n)
+    else:
+        step = n // 4096
+        sample = s[::step]
+        m = min(len(sample), int(np.ceil(2 * k / step)) + 8)
+        threshold = np.partition(sample, len(sample) - m)[len(sample) - m]
+        cand = np.flatnonzero(s >= threshold)
+        if len(cand) < k:
+            threshold = np.partition(s, n - k)[n - k]
+            cand = np.flatnonzero(s >= threshold)
+    order = np.argsort(-s[cand], kind="stable")[:k]
+    return cand[order], s[cand[order]]
+
+
+class InMemoryEngine(SearchEngine):
+    """Shared parts of the in-memory engines: the normalised full vectors and the id mapping."""
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence[int] | np.ndarray | None = None,
+        normalized: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        if threads is not None:
+            set_threads(threads)
+        x = np.asarray(embeddings)
+        if x.ndim != 2 or len(x) == 0:
+            raise UsageError(f"the gallery must be a non-empty 2-D [n, dim] array, got shape {x.shape}")
+        if normalized and x.dtype == np.float32 and x.flags.c_contiguous:
+            self.full = x  # shared, not copied: a 1M x 512 gallery is 2 GB
+        else:
+            self.full = l2_normalize(x)
+        self.n, self.dim = self.full.shape
+        if ids is None:
+            self.ids = None
+        else:
+            self.ids = np.asarray(ids, dtype=np.int64)
+            if self.ids.shape != (self.n,):
+                raise UsageError(f"ids has shape {self.ids.shape}; expected one id per gallery row ({self.n})")
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries, dtype=np.float32)
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise UsageError(
+                f"queries must be [{self.dim}] or [Q, {self.dim}] (the gallery's dim), got shape "
+                f"{np.shape(queries)}"
+            )
+        return l2_normalize(q)
+
+    def _check_k(self, k: int) -> int:
+        if k < 1:
+            raise UsageError(f"k must be >= 1, got {k}")
+        return min(int(k), self.n)
+
+    def _result(self, rows: np.ndarray, scores: np.ndarray) -> SearchResult:
+        ids = rows if self.ids is None else self.ids[rows]
+        return SearchResult(ids=ids.astype(np.int64, copy=False), scores=scores.astype(np.float32, copy=False))
+
+    def _query_block(self) -> int:
+        return max(1, _SCORE_BLOCK // self.n)
+
+    @property
+    @abstractmethod
+    def bytes_per_item(self) -> int | float:
+        """Bytes a query reads per gallery item in the pass over all N items."""
+
+    def memory_bytes(self) -> int:
+        """Bytes the engine holds: the full vectors plus anything a subclass adds."""
+        return self.full.nbytes + (0 if self.ids is None else self.ids.nbytes)
+
+
+class ExactEngine(InMemoryEngine):
+    """Brute-force cosine search on the full vectors: the reference every other engine is held to.
+
+    `kernel="numpy"` scores with a BLAS matmul and selects with `topk_rows`; `kernel="faiss"` calls
+    `faiss.knn` (the kernel behind `IndexFlatIP.search`) on the same array, without copying it.
+    With `normalized=True` a float32 C-contiguous gallery of unit rows is used as is.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence[int] | np.ndarray | None = None,
+        normalized: bool = False,
+        kernel: str = "numpy",
+        threads: int | None = None,
+    ) -> None:
+        if kernel not in KERNELS:
+            raise UsageError(f"kernel={kernel!r}: choose one of {list(KERNELS)}")
+        super().__init__(embeddings, ids, normalized, threads)
+        self.kernel = kernel
+
+    @property
+    def bytes_per_item(self) -> int:
+        """Bytes read per gallery item per query."""
+        return 4 * self.dim
+
+    def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
+        q = self._queries(queries)
+        k = self._check_k(k)
+        if self.kernel == "faiss":
+            import faiss
+
+            scores, rows = faiss.knn(q, self.full, k, faiss.METRIC_INNER_PRODUCT)
+            return self._result(rows, scores)
+        rows = np.empty((len(q), k), dtype=np.int64)
+        scores = np.empty((len(q), k), dtype=np.float32)
+        step = self._query_block()
+        for a in range(0, len(q), step):
+            rows[a : a + step], scores[a : a + step] = topk_rows(q[a : a + step] @ self.full.T, k)
+        return self._result(rows, scores)
+
+
+class CoarseToFineEngine(InMemoryEngine):
+    """Scan a low-dim code of every item, re-rank a shortlist with the full vectors.
+
+    - `coarse_dim`: prefix length the coarse codes are made from (default 64);
+    - `codes`: "fp32" (renormalised prefix), "int8" (per-dimension symmetric scale) or "binary"
+      (sign bits of random orthogonal projections, Hamming distance);
+    - `bits`: binary code length (default 4 x coarse_dim, a multiple of 8);
+    - `shortlist`: candidates kept by the coarse pass (K); K >= N gives exact search;
+    - `funnel`: intermediate levels the shortlist passes through before the full vectors, each a
+      dim `d` (keeps half of its input list) or a pair `(d, keep)`, e.g. [128, 256] or [(64, 200)]
+      (a binary or int8 shortlist re-scored exactly at its own prefix first); never fewer than k;
+    - `threads`: sets the process-wide thread count (see `set_threads`).
+
+    int8 codes are made from the prefix minus its gallery mean: the query's dot product with that
+    mean is the same for every item, so rankings are unchanged, and the codes spend their range on
+    what differs between items. Binary codes are not centred: the Hamming distance then estimates
+    the angle to the item itself, which is what the ranking is by.
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        ids: Sequence[int] | np.ndarray | None = None,
+        coarse_dim: int | None = None,
+        codes: str = "fp32",
+        shortlist: int = 100,
+        funnel: Sequence[int | tuple[int, int]] | None = None,
+        threads: int | None = None,
+        normalized: bool = False,
+        bits: int | None = None,
+    ) -> None:
+        if codes not in CODES:
+            raise UsageError(f"codes={codes!r}: choose one of {list(CODES)}")
+        super().__init__(embeddings, ids, normalized, threads)
+        self.codes = codes
+        self.coarse_dim = int(coarse_dim if coarse_dim is not None else min(DEFAULT_COARSE_DIM, self.dim))
+        if not 1 <= self.coarse_dim <= self.dim:
+            raise UsageError(f"coarse_dim={self.coarse_dim} must be in [1, {self.dim}] (the embedding dim)")
+        self.bits = None
+        if codes == "binary":
+            self.bits = int(bits if bits is not None else DEFAULT_BITS_PER_DIM * self.coarse_dim)
+        if self.bits is not None and (self.bits < 8 or self.bits % 8):
+            raise UsageError(f"binary codes need bits to be a positive multiple of 8, got {self.bits}")
+        if shortlist < 1:
+            raise UsageError(f"shortlist must be >= 1, got {shortlist}")
+        self.shortlist = int(shortlist)
+        self.funnel = [_funnel_stage(stage) for stage in (funnel or [])]
+        dims = [d for d, _ in self.funnel]
+        if any(not 1 <= d < self.dim for d in dims) or dims != sorted(set(dims)):
+            raise UsageError(
+                f"funnel {funnel}: levels must increase and lie below the full dim ({self.dim})"
+            )
+        self._build_codes()
+        self._prefix_norms = {d: _row_norms(self.full[:, :d]) for d, _ in self.funnel}
+
+    # ------------------------------------------------------------------ coarse codes
+
+    def _prefix(self) -> np.ndarray:
+        return l2_normalize(self.full[:, : self.coarse_dim])
+
+    def _build_codes(self) -> None:
+        d = self.coarse_dim
+        if self.codes == "fp32":
+            self._coarse = self._prefix()
+            self._code_bytes = self._coarse.nbytes
+            return
+        prefix = self._prefix()
+        if self.codes == "binary":
+            self._projection = _orthogonal_projection(d, self.bits)
+            self._bits = np.empty((self.n, self.bits // 8), dtype=np.uint8)
+            for a in range(0, self.n, _ROW_BLOCK):
+                self._bits[a : a + _ROW_BLOCK] = np.packbits(prefix[a : a + _ROW_BLOCK] @ self._projection > 0, axis=1)
+            self._code_bytes = self._bits.nbytes
+            return
+        prefix -= prefix.mean(axis=0, dtype=np.float64).astype(np.float32)
+        import torch
+
+        peak = np.abs(prefix).max(axis=0)
+        self._scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        q8 = np.empty(prefix.shape, dtype=np.int8)
+        for a in range(0, self.n, _ROW_BLOCK):
+            block = np.rint(prefix[a : a + _ROW_BLOCK] / self._scale)
+            np.clip(block, -127, 127, out=q8[a : a + _ROW_BLOCK], casting="unsafe")
+        del prefix
+        with warnings.catch_warnings():  # quantized tensors are deprecated upstream; the kernels are not
+            warnings.simplefilter("ignore")
+            weight = torch._make_per_tensor_quantized_tensor(torch.from_numpy(q8), 1.0, 0)
+            self._packed = torch.ops.quantized.linear_prepack(weight, None)
+        # fbgemm keeps one int32 column offset per item next to the int8 codes.
+        self._code_bytes = self.n * (d + 4)
+
+    @property
+    def bytes_per_item(self) -> int | float:
+        """Bytes the coarse pass reads per gallery item per query (the full vectors are read only
+        for the shortlist)."""
+        return self._code_bytes / self.n
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() + self._code_bytes + sum(v.nbytes for v in self._prefix_norms.values())
+
+    def _coarse_scores(self, qc: np.ndarray) -> np.ndarray:
+        """[Q, N] coarse similarities (higher = closer) for normalised query prefixes [Q, d]."""
+        if self.codes == "fp32":
+            return _inner_products(qc, self._coarse)
+        if self.codes == "binary":
+            import faiss
+
+            codes = np.packbits(qc @ self._projection > 0, axis=1)
+            dist = np.empty((len(qc), self.n), dtype=np.int32)
+            faiss.hammings(
+                faiss.swig_ptr(codes), faiss.swig_ptr(self._bits), len(qc), self.n, codes.shape[1], faiss.swig_ptr(dist)
+            )
+            return np.negative(dist, out=dist)
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(qc * self._scale))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ops.quantized.linear_dynamic(x, self._packed, True).numpy()
+
+    def _coarse_candidates(self, q: np.ndarray, shortlist: int) -> np.ndarray:
+        qc = l2_normalize(q[:, : self.coarse_dim])
+        cand = np.empty((len(q), shortlist), dtype=np.int64)
+        step = self._query_block()
+        for a in range(0, len(q), step):
+            cand[a : a + step], _ = topk_rows(self._coarse_scores(qc[a : a + step]), shortlist)
+        return cand
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
+        q = self._queries(queries)
+        k = self._check_k(k)
+        shortlist = min(max(self.shortlist, k), self.n)
+        cand = self._coarse_candidates(q, shortlist)
+        cand.sort(axis=1)  # ascending rows, so the stable sorts below send ties to the lower row
+        rows = np.empty((len(q), k), dtype=np.int64)
+        scores = np.empty((len(q), k), dtype=np.float32)
+        step = max(1, _GATHER_BLOCK // (shortlist * self.dim))
+        for a in range(0, len(q), step):
+            rows[a : a + step], scores[a : a + step] = self._rerank(q[a : a + step], cand[a : a + step], k)
+        return self._result(rows, scores)
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Funnel levels, then full-dim scores, for a block of queries [b, D] and candidates [b, K]."""
+        for d, keep in self.funnel:
+            keep = max(k, keep if keep is not None else cand.shape[1] // 2)
+            if keep >= cand.shape[1]:
+                continue
+            s = self._level_scores(q, cand, d)
+            best = np.argsort(-s, axis=1, kind="stable")[:, :keep]
+            cand = np.sort(np.take_along_axis(cand, best, axis=1), axis=1)
+        s = self._level_scores(q, cand, self.dim)
+        best = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(cand, best, axis=1), np.take_along_axis(s, best, axis=1)
+
+    def _level_scores(self, q: np.ndarray, cand: np.ndarray, d: int) -> np.ndarray:
+        """Cosine scores [b, K] at prefix `d` between queries [b, D] (unit) and their candidates."""
+        qd = q if d == self.dim else l2_normalize(q[:, :d])
+        if cand.shape[1] * _DENSE_SHARE >= self.n:
+            # The list covers a large share of the gallery: one matmul beats gathering its rows.
+            s = np.take_along_axis(qd @ self.full[:, :d].T, cand, axis=1)
+        else:
+            s = np.matmul(self.full[cand, :d], qd[:, :, None])[..., 0]
+        return s if d == self.dim else s / self._prefix_norms[d][cand]
+
+
+def _inner_products(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[Q, N] = q @ x.T for C-contiguous float32 inputs; a few queries go one by one through
+    `faiss.fvec_inner_products_ny`, which streams x faster than BLAS gemv on one query."""
+    if len(q) > _FAISS_QUERIES:
+        return q @ x.T
+    import faiss
+
+    out = np.empty((len(q), len(x)), dtype=np.float32)
+    for i in range(len(q)):
+        faiss.fvec_inner_products_ny(
+            faiss.swig_ptr(out[i]), faiss.swig_ptr(q[i]), faiss.swig_ptr(x), x.shape[1], len(x)
+        )
+    return out
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms of the rows of a (possibly strided) matrix, in blocks, floored at 1e-12."""
+    out = np.empty(len(x), dtype=np.float32)
+    for a in range(0, len(x), _ROW_BLOCK):
+        out[a : a + _ROW_BLOCK] = np.linalg.norm(x[a : a + _ROW_BLOCK], axis=1)
+    return np.maximum(out, 1e-12)
+
+
+def _funnel_stage(stage: int | tuple[int, int] | Sequence[int]) -> tuple[int, int | None]:
+    """(dim, keep) from `d` or `(d, keep)`; keep None = half of the stage's input list."""
+    if isinstance(stage, (int, np.integer)):
+        return int(stage), None
+    try:
+        d, keep = (int(v) for v in stage)
+    except (TypeError, ValueError):
+        raise UsageError(f"funnel stage {stage!r}: expected a dim or a (dim, keep) pair") from None
+    if keep < 1:
+        raise UsageError(f"funnel stage {stage!r}: keep must be >= 1")
+    return d, keep
+
+
+def _orthogonal_projection(dim: int, bits: int, seed: int = 0) -> np.ndarray:
+    """[dim, bits] stacked random orthogonal blocks: hyperplanes for SimHash codes.
+
+    Orthogonal blocks estimate the angle with less variance than i.i.d. Gaussian hyperplanes
+    (measured: 0.96 vs 0.93 of the exact top 10 kept in a 1000-shortlist at N=100k, 64 dims, 256 bits).
+    """
+    rng = np.random.default_rng(seed)
+    blocks = [np.linalg.qr(rng.standard_normal((dim, dim)))[0] for _ in range(-(-bits // dim))]
+    return np.ascontiguousarray(np.concatenate(blocks, axis=1)[:, :bits], dtype=np.float32)
+
