@@ -23,20 +23,14 @@ def pretrain(
     mlflow_tracking_uri: str = "",
 ) -> NamedTuple("TrainOutputs", [("run_id", str), ("best_val_r_mean", float)]):
     """Train the hierarchical heads (and the top of the towers) from the pretrained towers."""
-    import json
     import os
-    import shutil
 
-    from hivlp.config import load_config
-    from hivlp.train.engine import RESUME_DIR, train
+    from hivlp.train.engine import run_recipe
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    sets = [f"data.datasets=[{json.dumps(dataset_json)}]", f"train.epochs={epochs}", *overrides]
-    if image_root:
-        sets.append(f"data.image_root={json.dumps(image_root)}")
-    result = train(load_config(config, sets), model.path)
-    shutil.rmtree(os.path.join(model.path, RESUME_DIR), ignore_errors=True)  # optimizer state: not part of the model
+    result = run_recipe(config, model.path, "pretrain", datasets=[dataset_json], image_root=image_root or None,
+                        overrides=[f"train.epochs={epochs}", *overrides], init=None, keep_resume_state=False)
     metrics.log_metric("best_val_r_mean", result.best_metric)
     metrics.log_metric("train_minutes", result.seconds / 60)
     model.metadata.update({"recipe": "pretrain", "best_epoch": result.best_epoch, "mlflow_run_id": result.run_id or ""})
@@ -56,20 +50,14 @@ def finetune(
     mlflow_tracking_uri: str = "",
 ) -> NamedTuple("TrainOutputs", [("run_id", str), ("best_val_r_mean", float)]):
     """Continue from the pre-trained checkpoint `init` with the fine-tuning recipe."""
-    import json
     import os
-    import shutil
 
-    from hivlp.config import load_config
-    from hivlp.train.engine import RESUME_DIR, train
+    from hivlp.train.engine import run_recipe
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    sets = [f"data.datasets=[{json.dumps(dataset_json)}]", f"train.epochs={epochs}", *overrides]
-    if image_root:
-        sets.append(f"data.image_root={json.dumps(image_root)}")
-    result = train(load_config(config, sets), model.path, init=init.path)
-    shutil.rmtree(os.path.join(model.path, RESUME_DIR), ignore_errors=True)
+    result = run_recipe(config, model.path, "finetune", datasets=[dataset_json], image_root=image_root or None,
+                        overrides=[f"train.epochs={epochs}", *overrides], init=init.path, keep_resume_state=False)
     metrics.log_metric("best_val_r_mean", result.best_metric)
     metrics.log_metric("train_minutes", result.seconds / 60)
     model.metadata.update({"recipe": "finetune", "best_epoch": result.best_epoch, "mlflow_run_id": result.run_id or ""})

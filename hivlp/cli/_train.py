@@ -17,19 +17,11 @@ def add_train_arguments(p: argparse.ArgumentParser, recipe: str) -> None:
 
 
 def run_training(args: argparse.Namespace, recipe: str, init: str | None) -> int:
-    from hivlp.config import load_config
     from hivlp.retrieval.evaluate import format_table
+    from hivlp.train.engine import run_recipe
 
-    overrides = [f"recipe={recipe}", *args.overrides]
-    if args.dataset:
-        overrides.append("data.datasets=[" + ",".join(f'"{d}"' for d in args.dataset) + "]")
-    if args.image_root:
-        overrides.append(f'data.image_root="{args.image_root}"')
-    cfg = load_config(args.config, overrides)
-
-    from hivlp.train.engine import train
-
-    result = train(cfg, args.out, init=init, resume=not args.no_resume)
+    result = run_recipe(args.config, args.out, recipe, datasets=args.dataset, image_root=args.image_root,
+                        overrides=args.overrides, init=init, resume=not args.no_resume)
     if result.history:
         best = next((h for h in result.history if h["epoch"] == result.best_epoch), result.history[-1])
         print(f"\n{recipe}: best val AR {result.best_metric:.2f} at epoch {result.best_epoch} "

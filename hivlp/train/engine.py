@@ -227,6 +227,38 @@ def _publish_checkpoint(model, cfg: RunConfig, out_dir: Path, metrics: dict, pro
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def run_recipe(
+    config: str | Path,
+    out_dir: str | Path,
+    recipe: str,
+    datasets: list[str] | None = None,
+    image_root: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    init: str | Path | None = None,
+    resume: bool = True,
+    keep_resume_state: bool = True,
+) -> TrainResult:
+    """Load a recipe YAML with the usual overrides (datasets, image root, `key=value`s) and train.
+
+    The one entry point of the CLI, the KFP components and anything else that starts a recipe.
+    `keep_resume_state=False` drops the optimizer state afterwards (a pipeline's model artifact
+    is the checkpoint alone).
+    """
+    import json
+
+    from hivlp.config import load_config
+
+    sets = [f"recipe={recipe}", *overrides]
+    if datasets:
+        sets.append(f"data.datasets={json.dumps([str(d) for d in datasets])}")
+    if image_root:
+        sets.append(f"data.image_root={json.dumps(str(image_root))}")
+    result = train(load_config(config, sets), out_dir, init=init, resume=resume)
+    if not keep_resume_state:
+        shutil.rmtree(Path(out_dir) / RESUME_DIR, ignore_errors=True)
+    return result
+
+
 def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, resume: bool = True) -> TrainResult:
     """Run a recipe. `init` (fine-tuning) is a checkpoint folder whose weights start the run."""
     t0 = time.time()
