@@ -209,7 +209,7 @@ def test_lite_file_held_by_another_process(tmp_path):
     MilvusDualIndex(str(held), "x").close()  # free again once the holder exits
 
 
-def test_cli_search_text_json_and_dim_mismatch(index, checkpoint, db, capsys):
+def test_cli_search_text_json_and_dim_mismatch(index, checkpoint, db, capsys, tmp_path, monkeypatch):
     code = main(["search", "--uri", db, "--name", "val", "--text", "a dog runs on the beach",
                  "--k", "5", "--checkpoint", str(checkpoint), "--json"])
     assert code == 0
@@ -227,9 +227,11 @@ def test_cli_search_text_json_and_dim_mismatch(index, checkpoint, db, capsys):
     code = main(["search", "--uri", db, "--name", "small256", "--text", "a dog", "--checkpoint", str(checkpoint)])
     err = capsys.readouterr().err
     assert code == 2 and "512-d embeddings" in err and "holds 256-d vectors" in err
+    # A registry model that does not exist: a clear error naming the URI.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = main(["search", "--uri", db, "--name", "small256", "--text", "x", "--model-uri", "models:/nope@champion"])
+    assert code == 2 and "models:/nope@champion" in capsys.readouterr().err
     small.drop()
-    assert main(["search", "--uri", db, "--text", "x", "--model-uri", "models:/hivlp@champion"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
 
 
 def test_cli_index_builds_then_is_idempotent(exported, db, capsys):

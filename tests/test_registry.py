@@ -204,3 +204,26 @@ def test_cli_exit_codes(store, client, tmp_path, capsys):
     decision = json.loads((tmp_path / "d.json").read_text())
     assert decision["promoted"] is False and decision["value"] == 30.0
     assert _tags(client, "cli", decision["version"])["hivlp.promoted"] == "false"
+
+
+def test_search_encodes_the_query_with_the_registered_champion(store, client, tmp_path, capsys):
+    """`hivlp search --model-uri models:/NAME@champion` ranks exactly as the checkpoint it serves."""
+    from hivlp.retrieval.milvus import MilvusDualIndex
+
+    (v,) = _new_versions(client, store, "search-champion", 1)
+    client.set_registered_model_alias("search-champion", "champion", v)
+    model, _ = load_checkpoint(store["ckpt"])
+    paths = sorted((FLICKR8K / "images").glob("*.jpg"))[:6]
+    emb = encode_images(model, [str(p) for p in paths], batch_size=6, num_workers=0, progress=False)
+    uri = str(tmp_path / "m.db")
+    with MilvusDualIndex(uri, "served") as index:
+        index.build_from_arrays(emb, np.arange(6), ["image"] * 6, coarse_dim=64, index="FLAT",
+                                metadata={"filename": [p.name for p in paths]}, progress=False)
+    hits = {}
+    for how in (["--model-uri", "models:/search-champion@champion"], ["--checkpoint", str(store["ckpt"])]):
+        assert main(["search", "--uri", uri, "--name", "served", "--text", CAPTIONS[0], "--k", "5",
+                     "--shortlist", "6", "--json", *how]) == 0
+        hits[how[0]] = json.loads(capsys.readouterr().out)["hits"]
+    assert [h["id"] for h in hits["--model-uri"]] == [h["id"] for h in hits["--checkpoint"]]
+    np.testing.assert_allclose([h["score"] for h in hits["--model-uri"]],
+                               [h["score"] for h in hits["--checkpoint"]], atol=1e-5)

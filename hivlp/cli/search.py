@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--checkpoint", default="outputs/finetune", metavar="DIR",
                    help="checkpoint that encodes the query (default: %(default)s)")
-    m.add_argument("--model-uri", metavar="URI", help="MLflow model URI (models:/NAME@champion): not supported yet")
+    m.add_argument("--model-uri", metavar="URI",
+                   help="MLflow model that encodes the query instead, e.g. models:/hivlp@champion "
+                        "(tracking store: $MLFLOW_TRACKING_URI or sqlite under outputs/)")
     p.add_argument("--device", default="cpu", help="device for the query encoder (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=run)
@@ -39,40 +41,26 @@ def run(args: argparse.Namespace) -> int:
     quiet_backend_logs()
     from hivlp.errors import UsageError
 
-    if args.model_uri:
-        raise UsageError(
-            f"--model-uri {args.model_uri}: loading the query encoder from the MLflow registry is not "
-            "supported yet; pass --checkpoint DIR (the folder the index's embeddings were exported with)"
-        )
     if args.k < 1 or args.shortlist < 1:
         raise UsageError("--k and --shortlist must be >= 1")
 
-    from hivlp.export import checkpoint_sha256
-    from hivlp.model import load_checkpoint
-    from hivlp.model.encode import encode_images, encode_texts
     from hivlp.retrieval.milvus import DimensionMismatchError, MilvusDualIndex
 
     with MilvusDualIndex(args.uri, args.name) as index:
         info = index.info()  # fail fast (missing/incomplete index) before loading the model
-        model, _ = load_checkpoint(args.checkpoint, device=args.device)
-        if model.embed_dim != info.dim:
+        kind = "image" if args.text is not None else "text"
+        query, source, weights_sha = _encode_query(args)
+        if query.shape[1] != info.dim:
             raise DimensionMismatchError(
-                f"the model in {args.checkpoint} makes {model.embed_dim}-d embeddings but index "
-                f"{args.name!r} at {args.uri} holds {info.dim}-d vectors; search with the checkpoint "
+                f"the model {source} makes {query.shape[1]}-d embeddings but index "
+                f"{args.name!r} at {args.uri} holds {info.dim}-d vectors; search with the model "
                 "the index was built from, or re-run `hivlp export` and `hivlp index` with this one"
             )
-        if info.weights_sha256 not in ("arrays", checkpoint_sha256(args.checkpoint)):
+        if weights_sha and info.weights_sha256 not in ("arrays", weights_sha):
             logging.getLogger("hivlp.search").warning(
                 "index %r was built from other weights (sha256 %s...) than %s; results may be meaningless",
-                args.name, info.weights_sha256[:12], args.checkpoint,
+                args.name, info.weights_sha256[:12], source,
             )
-        if args.text is not None:
-            query, kind = encode_texts(model, [args.text], device=args.device, progress=False), "image"
-        else:
-            query = encode_images(
-                model, [args.image], batch_size=1, device=args.device, num_workers=0, progress=False
-            )
-            kind = "text"
         result = index.search(query, k=args.k, shortlist=args.shortlist, kind=kind)
         ids, scores = result.ids[0], result.scores[0]
         meta = index.describe(ids)
@@ -90,3 +78,38 @@ def run(args: argparse.Namespace) -> int:
             line += f"  {h.get('caption')}"
         print(line)
     return 0
+
+
+def _encode_query(args: argparse.Namespace):
+    """(query [1, D], where the model came from, its weights sha256 or None) from a checkpoint or MLflow."""
+    import numpy as np
+
+    if args.model_uri:
+        import pandas as pd
+
+        from hivlp.registry import connect
+
+        connect()
+        import mlflow
+
+        try:
+            model = mlflow.pyfunc.load_model(args.model_uri)
+        except mlflow.exceptions.MlflowException as e:
+            from hivlp.errors import UsageError
+
+            raise UsageError(f"--model-uri {args.model_uri}: cannot load it ({e})") from None
+        column = {"text": args.text} if args.text is not None else {"image_path": args.image}
+        query = np.asarray(model.predict(pd.DataFrame([column])), dtype=np.float32)
+        sha = (model.metadata.metadata or {}).get("hivlp_weights_sha256")
+        return query, args.model_uri, sha
+
+    from hivlp.export import checkpoint_sha256
+    from hivlp.model import load_checkpoint
+    from hivlp.model.encode import encode_images, encode_texts
+
+    model, _ = load_checkpoint(args.checkpoint, device=args.device)
+    if args.text is not None:
+        query = encode_texts(model, [args.text], device=args.device, progress=False)
+    else:
+        query = encode_images(model, [args.image], batch_size=1, device=args.device, num_workers=0, progress=False)
+    return query, args.checkpoint, checkpoint_sha256(args.checkpoint)
