@@ -12,6 +12,7 @@ decoded and augmented every epoch and the towers run whole.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -87,23 +88,6 @@ def epoch_order(data: RetrievalSplit, unit: str, seed: int, epoch: int) -> np.nd
         by_image[i].append(t)
     picks = np.array([c[rng.integers(len(c))] for c in by_image if c])
     return picks[rng.permutation(len(picks))]
-
-
-class _PairDataset(torch.utils.data.Dataset):
-    """(augmented image, caption index) pairs for training without the feature cache."""
-
-    def __init__(self, data: RetrievalSplit, order: np.ndarray, transform) -> None:
-        self.data, self.order, self.transform = data, order, transform
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int):
-        from hivlp.data.images import load_image
-
-        t = int(self.order[i])
-        img = self.transform(load_image(self.data.image_paths[self.data.text_to_image[t]]))
-        return img, t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +228,6 @@ def run_recipe(
     `keep_resume_state=False` drops the optimizer state afterwards (a pipeline's model artifact
     is the checkpoint alone).
     """
-    import json
-
     from hivlp.config import load_config
 
     sets = [f"recipe={recipe}", *overrides]
@@ -293,9 +275,10 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     train_cache = val_cache = None
     if use_cache:
         if info.is_main:
-            _build_caches(model, cfg, train_data, val_data, device)
+            train_cache, val_cache = _build_caches(model, cfg, train_data, val_data, device)
         D.barrier(info)
-        train_cache, val_cache = _build_caches(model, cfg, train_data, val_data, device)
+        if not info.is_main:
+            train_cache, val_cache = _build_caches(model, cfg, train_data, val_data, device)
 
     opt = _optimizer(model, cfg)
     loss_fn = HierarchicalContrastiveLoss(
@@ -323,6 +306,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     history: list[dict] = _read_history(out_dir) if pos.step else []
 
     amp = t.amp and device.type == "cuda"
+    train_transform = None if use_cache else model.image_tower.transform(train=True)
     tracker = RunTracker(cfg, enabled=info.is_main)
     stopped = False
     step_losses: list[float] = []
@@ -341,7 +325,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
                     if len(mine) == 0:
                         mine = global_batch[:1]
                     losses = _micro_step(step_module, model, loss_fn, mine, train_data, train_cache,
-                                         use_cache, device, amp, t.grad_accum)
+                                         train_transform, cfg.data.max_text_tokens, device, amp, t.grad_accum)
                     pos.batch = b_idx + 1
                     end_of_epoch = pos.batch == batches_per_epoch
                     if pos.batch % t.grad_accum and not end_of_epoch:
@@ -418,8 +402,12 @@ def _batches(order: np.ndarray, batch_size: int, start: int):
         yield b, order[b * batch_size : (b + 1) * batch_size]
 
 
-def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, use_cache, device, amp, accum) -> dict:
+def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, transform, max_tokens, device, amp,
+                accum) -> dict:
+    """Forward + backward of one micro-batch: from cached trunk outputs, or (no cache) from images
+    decoded and augmented with `transform` and captions tokenised to `max_tokens`."""
     image_idx = data.text_to_image[caption_idx]
+    use_cache = cache is not None
     if use_cache:
         (img_feats, txt) = cache
         img_in = img_feats[torch.as_tensor(image_idx)].float().to(device)
@@ -429,9 +417,8 @@ def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, use_cache
     else:
         from hivlp.data.images import load_image
 
-        tf = model.image_tower.transform(train=True)
-        img_in = torch.stack([tf(load_image(data.image_paths[i])) for i in image_idx]).to(device)
-        tok = model.text_tower.tokenize([data.captions[i] for i in caption_idx], max_tokens=40)
+        img_in = torch.stack([transform(load_image(data.image_paths[i])) for i in image_idx]).to(device)
+        tok = model.text_tower.tokenize([data.captions[i] for i in caption_idx], max_tokens=max_tokens)
         text_in, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
         img_emb, txt_emb = step_module(img_in, text_in, mask, use_cache)
@@ -442,8 +429,6 @@ def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, use_cache
 
 
 def _read_history(out_dir: Path) -> list[dict]:
-    import json
-
     p = out_dir / "history.json"
     return json.loads(p.read_text()) if p.is_file() else []
 
