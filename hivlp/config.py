@@ -50,8 +50,12 @@ class ModelConfig:
     # How much of each tower learns. 0 = frozen; N = the top N blocks (image) / layers (text).
     image_trainable_blocks: int = 0
     text_trainable_layers: int = 0
+    # BatchNorm in trained image stages keeps its ImageNet statistics (eval mode; scale/shift still
+    # learn): small caption datasets give noisy batch statistics.
+    image_frozen_bn: bool = True
     init_temperature: float = 0.05
     learn_temperature: bool = True
+    temperature_per_level: bool = False  # one learned temperature per level instead of one shared
 
 
 @dataclass
@@ -78,6 +82,9 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     cache_features: bool = True  # cache the frozen trunk's outputs on disk
     cache_dir: str = "outputs/cache"
+    # Cached path only: train on this many seeded augmented views of each train image (cached once;
+    # each caption draws one per epoch) instead of the single eval view. 0 = no image augmentation.
+    image_views: int = 0
     num_workers: int = 2
     log_every: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps (tests, smoke runs)
@@ -290,6 +297,8 @@ def validate_config(cfg: RunConfig, check_files: bool = True) -> None:
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.image_views < 0:
+        raise ConfigError(f"train.image_views: must be >= 0 (0 = no augmented views), got {t.image_views}")
     if t.epoch_unit not in ("caption", "image"):
         raise ConfigError(f"train.epoch_unit: expected 'caption' or 'image', got {t.epoch_unit!r}")
     if t.eval_coarse_dim not in lv:

@@ -95,19 +95,26 @@ class HierarchicalContrastiveLoss(nn.Module):
         batch = image_emb.shape[0]
         exclude = same_image_mask(image_ids, batch, image_emb.device)
         scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        if scale.dim() == 0:
+            scales = [scale] * len(self.levels)
+        elif scale.shape == (len(self.levels),):
+            scales = list(scale.unbind())
+        else:
+            raise ValueError(f"logit_scale must be a scalar or one per level ({len(self.levels)}), got {tuple(scale.shape)}")
         parts: dict[str, torch.Tensor] = {}
         total = image_emb.new_zeros(())
         sims = []
-        for dim, weight in zip(self.levels, self.level_weights):
+        for dim, weight, s in zip(self.levels, self.level_weights, scales):
             img = F.normalize(image_emb[:, :dim], dim=-1)
             txt = F.normalize(text_emb[:, :dim], dim=-1)
             sim = img @ txt.t()
             sims.append(sim)
-            loss = symmetric_infonce(scale * sim, exclude)
+            loss = symmetric_infonce(s * sim, exclude)
             parts[f"loss_d{dim}"] = loss.detach()
             total = total + weight * loss
         if self.distill_weight > 0 and len(sims) > 1:
-            kd = sum(distillation(scale * s, scale * sims[-1], exclude) for s in sims[:-1]) / (len(sims) - 1)
+            kd = sum(distillation(s * sim_l, scales[-1] * sims[-1], exclude)
+                     for s, sim_l in zip(scales, sims[:-1])) / (len(sims) - 1)
             parts["loss_distill"] = kd.detach()
             total = total + self.distill_weight * kd
         # `sim` is now the full (last) level's cosine matrix.

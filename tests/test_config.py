@@ -33,6 +33,7 @@ def test_overrides_parse_types():
         ("loss.level_weights=[1,1]", "loss.level_weights"),
         ("data.datasets=[/nonexistent/flickr.json]", "data.datasets[0]"),  # missing dataset
         ("tracking.enabled=maybe", "tracking.enabled"),
+        ("train.image_views=-1", "train.image_views"),
     ],
 )
 def test_bad_config_names_the_field(override, field, flickr8k_json):

@@ -71,6 +71,23 @@ def test_matches_brute_force_reference(batch, ids, weights):
         assert parts[f"loss_d{d}"].item() == pytest.approx(reference_infonce(a, b, 1 / 0.07, ids), rel=1e-5)
 
 
+def test_one_temperature_per_level(batch):
+    """A [n_levels] logit_scale gives each level its own temperature; equal entries equal the scalar."""
+    img, txt = batch
+    ids = [0, 0, 1, 2, 2, 2, 3, 4]
+    loss_fn = HierarchicalContrastiveLoss(LEVELS)
+    temps = [0.02, 0.05, 0.1]
+    total, parts = loss_fn(img, txt, torch.log(1 / torch.tensor(temps)), torch.tensor(ids))
+    for d, t in zip(LEVELS, temps):
+        a, b = F.normalize(img[:, :d].double(), dim=-1), F.normalize(txt[:, :d].double(), dim=-1)
+        assert parts[f"loss_d{d}"].item() == pytest.approx(reference_infonce(a, b, 1 / t, ids), rel=1e-5)
+    same = torch.full((len(LEVELS),), math.log(1 / 0.07))
+    assert loss_fn(img, txt, same, torch.tensor(ids))[0].item() == pytest.approx(
+        loss_fn(img, txt, same[0], torch.tensor(ids))[0].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="one per level"):
+        loss_fn(img, txt, torch.zeros(2), torch.tensor(ids))
+
+
 def test_logit_scale_is_clamped_at_100(batch):
     img, txt = batch
     loss_fn = HierarchicalContrastiveLoss(LEVELS)

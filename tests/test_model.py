@@ -212,7 +212,14 @@ def test_set_trainable_freezes_the_right_parts(model, restore_depth):
     assert trained and all(n.startswith(expected_prefixes) for n in trained)
     assert trained == {n for n, _ in net.named_parameters() if n.startswith(expected_prefixes)}
     assert not any(_bn_modes(net.blocks[:5])) and not any(_bn_modes(net.bn1))
-    assert all(_bn_modes(net.blocks[5:])) and all(_bn_modes(net.bn2))
+    # Default (model.image_frozen_bn): BatchNorm of the trained stages keeps its ImageNet statistics.
+    assert model.image_tower.frozen_bn and not any(_bn_modes(net))
+    assert all(p.requires_grad for p in net.bn2.parameters())  # its scale/shift still learn
+    model.image_tower.set_trainable(2, frozen_bn=False)
+    model.train()
+    assert all(_bn_modes(net.blocks[5:])) and all(_bn_modes(net.bn2)) and not any(_bn_modes(net.blocks[:5]))
+    model.image_tower.set_trainable(2, frozen_bn=True)
+    model.train()
 
     bert = model.text_tower.model
     trained_text = {n.split(".")[2] for n, p in bert.named_parameters() if p.requires_grad}
@@ -240,8 +247,12 @@ def test_set_trainable_freezes_the_right_parts(model, restore_depth):
 def test_trunk_signature_tracks_depth_and_weights(model, restore_depth):
     base = model.trunk_signature()
     assert model.trunk_signature() == base
+    image, text = model.trunk_signature("image"), model.trunk_signature("text")
     model.set_trainable(2, 0)
-    assert model.trunk_signature() != base
+    assert model.trunk_signature() != base and model.trunk_signature("image") != image
+    assert model.trunk_signature("text") == text  # per-tower keys: the text cache stays valid
+    model.set_trainable(0, 2)
+    assert model.trunk_signature("image") == image and model.trunk_signature("text") != text
     model.set_trainable(0, 0)
     with torch.no_grad():
         model.image_head.proj.bias.add_(1.0)  # heads are not part of the trunk

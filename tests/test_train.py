@@ -66,9 +66,12 @@ def test_overfits_a_real_slice(slice_json, cache_dir, tmp_path):
     assert {"full", "dim_32", "dim_64", "coarse_to_fine"} <= set(result.history[-1]["metrics"])
 
 
-def test_resume_gives_the_same_weights(slice_json, cache_dir, tmp_path):
-    """Stop after 3 steps, resume to 6: identical weights to an uninterrupted 6-step run."""
-    extra = ("train.epochs=2", "train.lr=2e-3")
+@pytest.mark.parametrize("variant", [(), ("train.image_views=2", "model.temperature_per_level=true")],
+                         ids=["plain", "augmented-views+per-level-temperature"])
+def test_resume_gives_the_same_weights(slice_json, cache_dir, tmp_path, variant):
+    """Stop after 7 steps, resume to 13 (across the epoch boundary): identical weights and losses to an
+    uninterrupted 13-step run."""
+    extra = ("train.epochs=2", "train.lr=2e-3", *variant)
     straight = train(_cfg(slice_json, cache_dir, *extra, "train.max_steps=13"), tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     first = train(_cfg(slice_json, cache_dir, *extra, "train.max_steps=7"), interrupted)
@@ -132,3 +135,26 @@ def test_torchrun_two_cpu_processes(slice_json, cache_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "meta.json").is_file()
     model, _ = load_checkpoint(out)
     assert model.embed_dim == 512
+
+
+def test_augmented_views_are_cached_reproducibly(slice_json, tmp_path):
+    """`train.image_views`: V seeded augmented views per image, [V, N, F]; the same views whatever the
+    worker count, different from each other and from the eval view; a second call reads the cache."""
+    from hivlp.model import create_model
+    from hivlp.train.cache import image_trunk_features
+
+    cfg = _cfg(slice_json, tmp_path)
+    model = create_model(cfg.model)
+    paths = load_split(slice_json, "train").image_paths[:6]
+    cpu = torch.device("cpu")
+    views = image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0, views=3, seed=7)
+    assert views.shape == (3, 6, model.image_tower.feature_dim)
+    again = image_trunk_features(model, paths, tmp_path / "b", cpu, num_workers=2, views=3, seed=7)
+    assert torch.equal(views, again)
+    assert len(list((tmp_path / "a").glob("img-*.safetensors"))) == 1
+    assert torch.equal(image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0, views=3, seed=7), views)
+    plain = image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0)
+    assert plain.shape == (6, model.image_tower.feature_dim)
+    assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], plain)
+    other_seed = image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0, views=3, seed=8)
+    assert not torch.allclose(other_seed, views)

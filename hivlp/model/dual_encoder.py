@@ -75,8 +75,11 @@ class DualEncoder(nn.Module):
         self.levels = list(config.levels)
         self.image_head = HierarchicalHead(image_tower.feature_dim, config.embed_dim, config.head, config.head_hidden)
         self.text_head = HierarchicalHead(text_tower.feature_dim, config.embed_dim, config.head, config.head_hidden)
+        # Low levels have a narrower spread of cosines than the full one; `temperature_per_level`
+        # lets each level learn its own temperature (shape [n_levels] instead of a scalar).
+        shape = (len(self.levels),) if config.temperature_per_level else ()
         self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / config.init_temperature)), requires_grad=config.learn_temperature
+            torch.full(shape, math.log(1.0 / config.init_temperature)), requires_grad=config.learn_temperature
         )
         self.set_trainable(config.image_trainable_blocks, config.text_trainable_layers)
 
@@ -98,7 +101,7 @@ class DualEncoder(nn.Module):
 
     def set_trainable(self, image_blocks: int, text_layers: int) -> None:
         """Unfreeze the top `image_blocks` stages / `text_layers` layers; recorded in `config`."""
-        self.image_tower.set_trainable(image_blocks)
+        self.image_tower.set_trainable(image_blocks, self.config.image_frozen_bn)
         self.text_tower.set_trainable(text_layers)
         self.config.image_trainable_blocks = image_blocks
         self.config.text_trainable_layers = text_layers
@@ -111,21 +114,26 @@ class DualEncoder(nn.Module):
         towers = [p for t in (self.image_tower, self.text_tower) for p in t.parameters() if p.requires_grad]
         return {"head": head, "towers": towers}
 
-    def trunk_signature(self) -> str:
-        """A key for cached trunk outputs: changes whenever the frozen trunks' outputs could change.
+    def trunk_signature(self, tower: str = "both") -> str:
+        """A key for cached trunk outputs: changes whenever the frozen trunk's outputs could change.
 
         Hashes tower names, trainable depths, the eval image transform, the tokenizer vocabulary and the
         actual frozen weights (so a fine-tuned checkpoint never reuses features of the pretrained one).
+        `tower` = "image" or "text" keys one tower alone, so changing the other's depth keeps its cache.
         """
+        if tower not in ("both", "image", "text"):
+            raise ValueError(f"tower must be 'both', 'image' or 'text', got {tower!r}")
         h = hashlib.sha256()
         it, tt = self.image_tower, self.text_tower
-        h.update(f"image:{it.name}:{it.trainable_blocks}:{it.transform(train=False)!r}".encode())
-        for i, m in enumerate(it.trunk_modules()):
-            _hash_state(h, f"image{i}", m)
-        vocab = sorted(tt.tokenizer.get_vocab().items())
-        h.update(f"text:{tt.name}:{tt.trainable_layers}:{type(tt.tokenizer).__name__}:{vocab}".encode())
-        for i, m in enumerate(tt.trunk_modules()):
-            _hash_state(h, f"text{i}", m)
+        if tower in ("both", "image"):
+            h.update(f"image:{it.name}:{it.trainable_blocks}:{it.transform(train=False)!r}".encode())
+            for i, m in enumerate(it.trunk_modules()):
+                _hash_state(h, f"image{i}", m)
+        if tower in ("both", "text"):
+            vocab = sorted(tt.tokenizer.get_vocab().items())
+            h.update(f"text:{tt.name}:{tt.trainable_layers}:{type(tt.tokenizer).__name__}:{vocab}".encode())
+            for i, m in enumerate(tt.trunk_modules()):
+                _hash_state(h, f"text{i}", m)
         return h.hexdigest()[:20]
 
 

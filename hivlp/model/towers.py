@@ -174,6 +174,7 @@ class ImageTower(_SplitTower):
         self.data_config = timm.data.resolve_data_config({}, model=self.model)
         self.feature_dim: int = self.model.num_features
         self.trainable_blocks = 0
+        self.frozen_bn = True
         self.set_trainable(0)
 
     @property
@@ -186,8 +187,19 @@ class ImageTower(_SplitTower):
             )
         return stages
 
-    def set_trainable(self, n_blocks: int) -> None:
-        """Train the top `n_blocks` stages of `blocks` plus conv_head/bn2; freeze the rest (0 = all)."""
+    def train(self, mode: bool = True) -> ImageTower:
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def set_trainable(self, n_blocks: int, frozen_bn: bool | None = None) -> None:
+        """Train the top `n_blocks` stages of `blocks` plus conv_head/bn2; freeze the rest (0 = all).
+        `frozen_bn`: BatchNorm layers of the trained stages stay in eval mode (None: unchanged)."""
+        if frozen_bn is not None:
+            self.frozen_bn = frozen_bn
         if n_blocks < 0:
             raise ConfigError(f"model.image_trainable_blocks must be >= 0, got {n_blocks}")
         if n_blocks > 0 and n_blocks > len(self._stages):

@@ -1,6 +1,6 @@
 """On-disk cache of the frozen trunk's outputs, so each epoch on CPU runs only the trainable part.
 
-A cache entry is keyed by the model's trunk signature (tower names, weights, trainable depth), the
+A cache entry is keyed by its tower's trunk signature (tower name, frozen weights, trainable depth), the
 exact list of inputs (image paths or captions) and the tokenisation length: change any of them and a
 new entry is computed. Entries are safetensors files written atomically; nothing is unpickled.
 """
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hivlp.data.datasets import ImageDataset
+from hivlp.data.images import load_image
 from hivlp.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -49,24 +53,64 @@ def _storage_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dim() == 2 else t.half()
 
 
+class SeededTransform:
+    """Applies a random transform with its randomness fixed by (seed, item): the same augmented view
+    every time, in any worker, so cached augmented views are reproducible. Picklable for workers."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor], seed: int) -> None:
+        self.transform = transform
+        self.seed = seed
+
+    def __call__(self, image: Any, item: int) -> torch.Tensor:
+        # timm's random-resized-crop draws from `random`, torchvision's flip from torch.
+        k = (self.seed * 1_000_003 + item) % (2**31)
+        random.seed(k)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(k)
+            return self.transform(image)
+
+
+class _ViewDataset(ImageDataset):
+    """Item v * N + i: augmented view v of image i."""
+
+    def __init__(self, paths: list[str], transform: SeededTransform, views: int) -> None:
+        super().__init__(paths, transform)  # type: ignore[arg-type]
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.views
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.paths[index % len(self.paths)]), index), index
+
+
 @torch.no_grad()
 def image_trunk_features(
     model, paths: list[str], cache_dir: str | Path, device: torch.device, batch_size: int = 64,
-    num_workers: int = 2, desc: str = "images",
+    num_workers: int = 2, desc: str = "images", views: int = 0, seed: int = 0,
 ) -> torch.Tensor:
-    """Trunk outputs for `paths` (eval transform), computed once and cached."""
-    sig = model.trunk_signature()
-    path = Path(cache_dir) / f"img-{_key(sig, 'image', paths)}.safetensors"
+    """Trunk outputs for `paths`, computed once and cached: [N, ...] with the eval transform, or with
+    `views` > 0, [views, N, ...] of seeded augmented views (the train transform), for training."""
+    sig = model.trunk_signature("image")
+    aug = model.image_tower.transform(train=True) if views else None
+    key = _key(sig, "image", paths) if not views else _key(sig, "image-views", views, seed, repr(aug), paths)
+    path = Path(cache_dir) / f"img-{key}.safetensors"
     if path.is_file():
         log.info("feature cache hit: %s (%d %s)", path, len(paths), desc)
         return load_file(str(path))["features"]
-    ds = ImageDataset(paths, model.image_tower.transform(train=False))
+    if views:
+        ds: ImageDataset = _ViewDataset(paths, SeededTransform(aug, seed), views)
+        desc = f"{desc} x{views} augmented views"
+    else:
+        ds = ImageDataset(paths, model.image_tower.transform(train=False))
     dl = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     tower = model.image_tower.eval()
     chunks = []
     for pixels, _ in tqdm(dl, desc=f"caching {desc} trunk", unit="batch"):
         chunks.append(_storage_dtype(tower.forward_trunk(pixels.to(device)).cpu()))
     feats = torch.cat(chunks)
+    if views:
+        feats = feats.reshape(views, len(paths), *feats.shape[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(path, {"features": feats})
     return feats
@@ -78,7 +122,7 @@ def text_trunk_features(
     batch_size: int = 256, desc: str = "captions",
 ) -> TextFeatures:
     """Trunk outputs for `captions`, padded to `max_tokens`, computed once and cached."""
-    sig = model.trunk_signature()
+    sig = model.trunk_signature("text")
     path = Path(cache_dir) / f"txt-{_key(sig, 'text', max_tokens, captions)}.safetensors"
     if path.is_file():
         log.info("feature cache hit: %s (%d %s)", path, len(captions), desc)

@@ -258,7 +258,9 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
             image_trainable_blocks=cfg.model.image_trainable_blocks,
             text_trainable_layers=cfg.model.text_trainable_layers,
             learn_temperature=cfg.model.learn_temperature,
+            image_frozen_bn=cfg.model.image_frozen_bn,
         ))
+        model.config.image_frozen_bn = cfg.model.image_frozen_bn
     else:
         model = create_model(cfg.model)
         cfg = replace(cfg, model=model.config)
@@ -316,6 +318,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         try:
             while pos.epoch < t.epochs and not stopped:
                 order = epoch_order(train_data, t.epoch_unit, t.seed, pos.epoch)
+                views = epoch_views(train_data.n_texts, t.image_views, t.seed, pos.epoch) if use_cache else None
                 model.train()
                 loader = _batches(order, t.batch_size, pos.batch)
                 bar = tqdm(loader, total=batches_per_epoch, initial=pos.batch, desc=f"{cfg.recipe} epoch {pos.epoch + 1}/{t.epochs}",
@@ -325,7 +328,8 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
                     if len(mine) == 0:
                         mine = global_batch[:1]
                     losses = _micro_step(step_module, model, loss_fn, mine, train_data, train_cache,
-                                         train_transform, cfg.data.max_text_tokens, device, amp, t.grad_accum)
+                                         train_transform, cfg.data.max_text_tokens, device, amp, t.grad_accum,
+                                         views)
                     pos.batch = b_idx + 1
                     end_of_epoch = pos.batch == batches_per_epoch
                     if pos.batch % t.grad_accum and not end_of_epoch:
@@ -340,9 +344,11 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
                     pos.step += 1
                     step_losses.append(losses["loss"])
                     if info.is_main and (pos.step % t.log_every == 0 or pos.step == 1):
-                        scale = float(model.logit_scale.detach().exp())
-                        tracker.log_metrics({**losses, "lr": opt.param_groups[0]["lr"], "logit_scale": scale}, step=pos.step)
-                        bar.set_postfix(loss=f"{losses['loss']:.3f}", T=f"{1 / scale:.3f}")
+                        scales = model.logit_scale.detach().exp().reshape(-1).tolist()
+                        temps = ({"logit_scale": scales[0]} if len(scales) == 1 else
+                                 {f"logit_scale_d{d}": v for d, v in zip(model.levels, scales)})
+                        tracker.log_metrics({**losses, "lr": opt.param_groups[0]["lr"], **temps}, step=pos.step)
+                        bar.set_postfix(loss=f"{losses['loss']:.3f}", T=f"{1 / scales[-1]:.3f}")
                     if t.save_every_steps and pos.step % t.save_every_steps == 0 and info.is_main:
                         save_state(resume_dir, model, opt, pos)
                     if t.max_steps is not None and pos.step >= t.max_steps:
@@ -389,11 +395,20 @@ def _log_checkpoint(tracker: RunTracker, out_dir: Path) -> None:
 
 def _build_caches(model, cfg: RunConfig, train_data, val_data, device):
     t = cfg.train
-    tr_img = image_trunk_features(model, train_data.image_paths, t.cache_dir, device, num_workers=t.num_workers, desc="train images")
+    tr_img = image_trunk_features(model, train_data.image_paths, t.cache_dir, device, num_workers=t.num_workers,
+                                  desc="train images", views=t.image_views, seed=t.seed)
     tr_txt = text_trunk_features(model, train_data.captions, t.cache_dir, device, cfg.data.max_text_tokens, desc="train captions")
     va_img = image_trunk_features(model, val_data.image_paths, t.cache_dir, device, num_workers=t.num_workers, desc="val images")
     va_txt = text_trunk_features(model, val_data.captions, t.cache_dir, device, cfg.data.max_text_tokens, desc="val captions")
     return (tr_img, tr_txt), (va_img, va_txt)
+
+
+def epoch_views(n_texts: int, views: int, seed: int, epoch: int) -> np.ndarray | None:
+    """Which cached augmented view each caption's image shows this epoch (None: single view).
+    A pure function of (seed, epoch), like `epoch_order`, so resume replays it exactly."""
+    if views <= 0:
+        return None
+    return np.random.default_rng([seed, epoch, 1]).integers(views, size=n_texts)
 
 
 def _batches(order: np.ndarray, batch_size: int, start: int):
@@ -403,14 +418,18 @@ def _batches(order: np.ndarray, batch_size: int, start: int):
 
 
 def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, transform, max_tokens, device, amp,
-                accum) -> dict:
-    """Forward + backward of one micro-batch: from cached trunk outputs, or (no cache) from images
-    decoded and augmented with `transform` and captions tokenised to `max_tokens`."""
+                accum, views: np.ndarray | None = None) -> dict:
+    """Forward + backward of one micro-batch: from cached trunk outputs (`views`: the augmented view
+    of each caption's image), or (no cache) from images decoded and augmented with `transform` and
+    captions tokenised to `max_tokens`."""
     image_idx = data.text_to_image[caption_idx]
     use_cache = cache is not None
     if use_cache:
         (img_feats, txt) = cache
-        img_in = img_feats[torch.as_tensor(image_idx)].float().to(device)
+        if views is None:
+            img_in = img_feats[torch.as_tensor(image_idx)].float().to(device)
+        else:
+            img_in = img_feats[torch.as_tensor(views[caption_idx]), torch.as_tensor(image_idx)].float().to(device)
         cap = torch.as_tensor(caption_idx)
         text_in = txt.features[cap].float().to(device)
         mask = txt.mask[cap].long().to(device)
