@@ -2,13 +2,16 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all lock pipeline bench clean
+.PHONY: setup demo best test test-all lock pipeline bench clean
 
 setup:  ## create .venv from requirements/lock.txt, install hivlp, bring Flickr8k into data/
 	bash scripts/setup.sh
 
 demo: setup  ## the main job on the embedded defaults: validate -> pretrain -> finetune -> evaluate
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/main_job.sh
+
+best: setup  ## the best recipe (configs/best-*.yaml, EfficientNet-Lite2): pretrain -> finetune -> evaluate into outputs/best
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/best_recipe.sh
 
 test: setup  ## the test suite (CI runs this)
 	$(BIN)/python -m pytest -q

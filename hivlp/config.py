@@ -42,6 +42,7 @@ class ModelConfig:
     name: str = "effl0-minilm"  # a name in hivlp.model.registry; the fields below override it
     image_tower: str | None = None  # timm model name
     image_weights: str | None = None  # "package", "hub", "none" or a local file path
+    image_size: int | None = None  # input resolution; None = the tower's own (timm data config)
     text_tower: str | None = None  # transformers name or local folder ("package" = bundled MiniLM)
     embed_dim: int = 512
     levels: list[int] = field(default_factory=lambda: list(DEFAULT_LEVELS))
@@ -53,9 +54,12 @@ class ModelConfig:
     # BatchNorm in trained image stages keeps its ImageNet statistics (eval mode; scale/shift still
     # learn): small caption datasets give noisy batch statistics.
     image_frozen_bn: bool = True
-    init_temperature: float = 0.05
+    # Test-time augmentation: at inference an image's tower features are the mean over the image and
+    # its mirror image (2x image compute when encoding; text is unchanged; training is unchanged).
+    image_tta_flip: bool = False
+    init_temperature: float | list[float] = 0.05  # a list: one starting temperature per level
     learn_temperature: bool = True
-    temperature_per_level: bool = False  # one learned temperature per level instead of one shared
+    temperature_per_level: bool = False  # one learned temperature per level (implied by a list above)
 
 
 @dataclass
@@ -237,25 +241,39 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return nested
 
 
+def _read_yaml_chain(p: Path, seen: list[Path]) -> dict:
+    """A recipe file, merged over the file its `extends:` key names (relative to it), recursively."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found" + (f" (extended by {seen[-1]})" if seen else ""))
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p}: `extends` loops back to itself ({' -> '.join(map(str, seen))})")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    if not isinstance(parent, str):
+        raise ConfigError(f"config file {p}: extends must be a file name, got {parent!r}")
+    return _deep_merge(_read_yaml_chain(p.parent / parent, [*seen, p.resolve()]), loaded)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict | None = None,
     check_files: bool = True,
 ) -> RunConfig:
-    """Read a YAML config (or the defaults), apply `--set` overrides, validate, return RunConfig."""
+    """Read a YAML config (or the defaults), apply `--set` overrides, validate, return RunConfig.
+
+    A config file may start with `extends: other.yaml` (relative to it): that file is read first and
+    this one overrides it field by field, so a variant recipe states only what it changes."""
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
-        data = _deep_merge(data, loaded)
+        data = _deep_merge(data, _read_yaml_chain(Path(path), []))
     data = _deep_merge(data, parse_overrides(overrides))
     cfg = _from_dict(RunConfig, data)
     validate_config(cfg, check_files=check_files)
@@ -286,6 +304,13 @@ def validate_config(cfg: RunConfig, check_files: bool = True) -> None:
         )
     if m.head not in ("linear", "mlp"):
         raise ConfigError(f"model.head: expected 'linear' or 'mlp', got {m.head!r}")
+    if m.image_size is not None and not 32 <= m.image_size <= 1024:
+        raise ConfigError(f"model.image_size: expected 32..1024 pixels (or null for the tower's own), got {m.image_size}")
+    temps = m.init_temperature if isinstance(m.init_temperature, list) else [m.init_temperature]
+    if isinstance(m.init_temperature, list) and len(temps) != len(lv):
+        raise ConfigError(f"model.init_temperature: {len(temps)} temperatures for {len(lv)} levels ({lv}); give one per level")
+    if any(t <= 0 for t in temps):
+        raise ConfigError(f"model.init_temperature: must be > 0, got {m.init_temperature}")
     if m.image_trainable_blocks < 0 or m.text_trainable_layers < 0:
         raise ConfigError("model.image_trainable_blocks / model.text_trainable_layers must be >= 0")
     w = cfg.loss.level_weights

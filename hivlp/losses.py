@@ -113,7 +113,9 @@ class HierarchicalContrastiveLoss(nn.Module):
             parts[f"loss_d{dim}"] = loss.detach()
             total = total + weight * loss
         if self.distill_weight > 0 and len(sims) > 1:
-            kd = sum(distillation(s * sim_l, scales[-1] * sims[-1], exclude)
+            # Temperatures are detached here: through them KL could be zeroed by flattening both
+            # distributions (temperature up), which would undo the contrastive terms.
+            kd = sum(distillation(s.detach() * sim_l, scales[-1].detach() * sims[-1], exclude)
                      for s, sim_l in zip(scales, sims[:-1])) / (len(sims) - 1)
             parts["loss_distill"] = kd.detach()
             total = total + self.distill_weight * kd

@@ -10,11 +10,15 @@ from hivlp.errors import ConfigError
 from .conftest import REPO
 
 
-@pytest.mark.parametrize("recipe", ["pretrain", "finetune"])
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune", "best-pretrain", "best-finetune"])
 def test_shipped_recipes_load(recipe, flickr8k_json):
     cfg = load_config(REPO / "configs" / f"{recipe}.yaml", [f"data.datasets=[{flickr8k_json}]"])
-    assert cfg.recipe == recipe
+    assert cfg.recipe == recipe.removeprefix("best-")
     assert cfg.model.levels == sorted(cfg.model.levels)
+    if recipe == "best-pretrain":  # extends pretrain.yaml: its loss and head, a larger image tower
+        shipped = load_config(REPO / "configs" / "pretrain.yaml", [f"data.datasets=[{flickr8k_json}]"])
+        assert cfg.loss == shipped.loss and cfg.model.head == shipped.model.head
+        assert cfg.model.name == "effl2-minilm-mlp" and cfg.tracking.run_name == "best-pretrain"
 
 
 def test_overrides_parse_types():
@@ -34,6 +38,8 @@ def test_overrides_parse_types():
         ("data.datasets=[/nonexistent/flickr.json]", "data.datasets[0]"),  # missing dataset
         ("tracking.enabled=maybe", "tracking.enabled"),
         ("train.image_views=-1", "train.image_views"),
+        ("model.init_temperature=[0.1,0.05]", "model.init_temperature"),  # not one per level
+        ("model.init_temperature=0", "model.init_temperature"),
     ],
 )
 def test_bad_config_names_the_field(override, field, flickr8k_json):
@@ -46,3 +52,20 @@ def test_bad_config_names_the_field(override, field, flickr8k_json):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+def test_extends_merges_over_the_parent(tmp_path, flickr8k_json):
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data:\n  datasets: [{flickr8k_json}]\ntrain:\n  lr: 0.002\n  epochs: 3\nmodel:\n  head: mlp\n")
+    (tmp_path / "variants").mkdir()
+    child = tmp_path / "variants" / "child.yaml"
+    child.write_text("extends: ../base.yaml\ntrain:\n  epochs: 5\n")
+    cfg = load_config(child, ["train.batch_size=64"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.model.head) == (0.002, 5, 64, "mlp")
+
+    base.write_text("extends: variants/child.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(child)
+    child.write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml not found \(extended by"):
+        load_config(child)

@@ -170,3 +170,19 @@ def test_distillation_term_is_a_kl_towards_the_full_level():
     teacher = (3 * full).detach().requires_grad_(True)
     distillation(3 * low, teacher, exclude).backward()
     assert teacher.grad is None or float(teacher.grad.abs().sum()) == 0.0
+
+
+def test_distillation_does_not_move_the_temperature():
+    """The KD term must not lower its own loss by flattening both softmaxes through the temperature:
+    the temperature's gradient is the same with and without it."""
+    torch.manual_seed(0)
+    img, txt = torch.randn(16, 64), torch.randn(16, 64)
+    ids = torch.arange(16) // 2
+    grads = []
+    for kd in (0.0, 1.0):
+        logit_scale = torch.tensor(3.0, requires_grad=True)
+        total, parts = HierarchicalContrastiveLoss([16, 64], distill_weight=kd)(img, txt, logit_scale, ids)
+        total.backward()
+        grads.append(float(logit_scale.grad))
+    assert parts["loss_distill"] > 0.01
+    assert grads[1] == pytest.approx(grads[0], abs=1e-6)

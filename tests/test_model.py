@@ -100,12 +100,26 @@ def test_package_weights_on_timm_tf_lite0_match_the_package_model(model, pixels)
     assert (other - ref_feats).abs().max().item() > 0.1
 
 
+@torch.no_grad()
+def test_package_weights_of_lite2_match_the_package_model(pixels):
+    """The larger tower of the best recipe: Lite2's shipped weights on timm give the package model's output."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = package_image_weights_path("tf_efficientnet_lite2")
+    ref = EfficientNet.from_pretrained("efficientnet-lite2", weights_path=str(path)).eval()
+    tower = ImageTower("tf_efficientnet_lite2", "package").eval()
+    assert tower.data_config["input_size"] == (3, 260, 260)
+    # At its own resolution (the package pads statically for 260 px; timm pads for the actual size).
+    x = torch.nn.functional.interpolate(pixels, size=(260, 260), mode="bilinear", align_corners=False)
+    assert (tower(x) - ref.extract_features(x).mean((2, 3))).abs().max().item() < 1e-4
+
+
 def test_in_order_mapping_refuses_another_architecture():
     source = torch.load(package_image_weights_path(), map_location="cpu", weights_only=True)
     net = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
     with pytest.raises(ConfigError, match="does not belong to this architecture"):
         map_state_dict_in_order(source, net)
-    with pytest.raises(ConfigError, match="only\\s+matches timm 'tf_efficientnet_lite0'"):
+    with pytest.raises(ConfigError, match="only matches timm tf_efficientnet_lite0, tf_efficientnet_lite1"):
         ImageTower("efficientnet_lite0", "package")
     with pytest.raises(ConfigError, match="not a timm model"):
         ImageTower("no_such_net", "none")
@@ -267,6 +281,29 @@ def test_trunk_signature_tracks_depth_and_weights(model, restore_depth):
             model.text_tower.model.encoder.layer[0].output.dense.bias.sub_(1e-3)
 
 
+@torch.no_grad()
+def test_flip_tta_averages_the_mirror_image_at_inference_only(model, pixels, image_paths, tmp_path):
+    """`image_tta_flip`: eval-mode image embeddings come from the mean of the tower features of the image
+    and its mirror; training is untouched; the cached validation features give the same embeddings."""
+    from hivlp.train.cache import image_trunk_features
+
+    plain = model.encode_image(pixels)
+    model.config.image_tta_flip = True
+    try:
+        tta = model.encode_image(pixels)
+        mirror = model.image_tower(torch.flip(pixels, dims=[-1]))
+        expected = model.image_head(0.5 * (model.image_tower(pixels) + mirror))
+        assert (tta - expected).abs().max().item() < 1e-5 and (tta - plain).abs().max().item() > 1e-3
+        model.train()
+        assert (model.encode_image(pixels) - plain).abs().max().item() < 1e-5
+        model.eval()
+        # The same pixels through the cache path (fp32 pooled features) give the same embeddings.
+        cached = image_trunk_features(model, image_paths, tmp_path, torch.device("cpu"), num_workers=0, flip_average=True)
+        assert (model.encode_image_from_trunk(cached) - tta).abs().max().item() < 1e-4
+    finally:
+        model.config.image_tta_flip = False
+
+
 # ---------------------------------------------------------------------------------------------
 # Heads, levels, encoding
 
@@ -331,7 +368,7 @@ def _check_round_trip(model, pixels, tmp_path, monkeypatch) -> None:
     def no_package_files():
         raise AssertionError("loading a checkpoint must not read the pretrained weight files")
 
-    monkeypatch.setattr(towers, "package_image_weights_path", no_package_files)
+    monkeypatch.setattr(towers, "package_image_weights_path", lambda *a: no_package_files())
     monkeypatch.setattr(towers, "package_text_tower_path", no_package_files)
     loaded, cfg = load_checkpoint(out)
     assert cfg.model == model.config and cfg.train.lr == 3e-4
@@ -363,7 +400,7 @@ def test_load_checkpoint_errors(tmp_path, model):
 
 def test_registry_resolution(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    assert {"effl0-minilm", "effl0-minilm-mlp"} <= set(list_models())
+    assert {"effl0-minilm", "effl0-minilm-mlp", "effl2-minilm-mlp"} <= set(list_models())
     base = resolve_model_config(ModelConfig())
     assert (base.image_tower, base.image_weights, base.text_tower) == ("tf_efficientnet_lite0", "package", "package")
     assert base.embed_dim == 512 and base.levels == [32, 64, 128, 256, 512] and base.head == "linear"

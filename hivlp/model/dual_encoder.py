@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +76,21 @@ class DualEncoder(nn.Module):
         self.text_head = HierarchicalHead(text_tower.feature_dim, config.embed_dim, config.head, config.head_hidden)
         # Low levels have a narrower spread of cosines than the full one; `temperature_per_level`
         # lets each level learn its own temperature (shape [n_levels] instead of a scalar).
-        shape = (len(self.levels),) if config.temperature_per_level else ()
-        self.logit_scale = nn.Parameter(
-            torch.full(shape, math.log(1.0 / config.init_temperature)), requires_grad=config.learn_temperature
-        )
+        init = torch.tensor(config.init_temperature, dtype=torch.float32)
+        if config.temperature_per_level or init.dim():
+            init = init.expand(len(self.levels)).clone()
+        self.logit_scale = nn.Parameter(torch.log(1.0 / init), requires_grad=config.learn_temperature)
         self.set_trainable(config.image_trainable_blocks, config.text_trainable_layers)
 
     # -- encoders (full D-dim, not normalised) --------------------------------------------------
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.image_head(self.image_tower(pixels))
+        """Full embedding of a pixel batch; in eval mode with `image_tta_flip`, of the mean of the tower
+        features of each image and its mirror image."""
+        feats = self.image_tower(pixels)
+        if self.config.image_tta_flip and not self.training:
+            feats = 0.5 * (feats + self.image_tower(torch.flip(pixels, dims=[-1])))
+        return self.image_head(feats)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_head(self.text_tower(input_ids, attention_mask))
@@ -151,6 +155,6 @@ def build_model(
     files) for callers that load a full state dict next; `text_files` points the text tower at a
     checkpoint's own copy of its tokenizer and config.
     """
-    image = ImageTower(resolved.image_tower, resolved.image_weights if load_weights else "none")
+    image = ImageTower(resolved.image_tower, resolved.image_weights if load_weights else "none", resolved.image_size)
     text = TextTower(resolved.text_tower, load_weights=load_weights, files=text_files)
     return DualEncoder(copy.deepcopy(resolved), image, text)

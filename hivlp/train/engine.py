@@ -259,8 +259,10 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
             text_trainable_layers=cfg.model.text_trainable_layers,
             learn_temperature=cfg.model.learn_temperature,
             image_frozen_bn=cfg.model.image_frozen_bn,
+            image_tta_flip=cfg.model.image_tta_flip,
         ))
         model.config.image_frozen_bn = cfg.model.image_frozen_bn
+        model.config.image_tta_flip = cfg.model.image_tta_flip
     else:
         model = create_model(cfg.model)
         cfg = replace(cfg, model=model.config)
@@ -398,7 +400,14 @@ def _build_caches(model, cfg: RunConfig, train_data, val_data, device):
     tr_img = image_trunk_features(model, train_data.image_paths, t.cache_dir, device, num_workers=t.num_workers,
                                   desc="train images", views=t.image_views, seed=t.seed)
     tr_txt = text_trunk_features(model, train_data.captions, t.cache_dir, device, cfg.data.max_text_tokens, desc="train captions")
-    va_img = image_trunk_features(model, val_data.image_paths, t.cache_dir, device, num_workers=t.num_workers, desc="val images")
+    # Validation encodes as inference will: with the mirror-image average when the model asks for it
+    # (cacheable when the image tower is frozen; otherwise in-training validation goes without it).
+    tta = model.config.image_tta_flip and model.image_tower.trainable_blocks == 0
+    if model.config.image_tta_flip and not tta:
+        log.warning("model.image_tta_flip: in-training validation without it (image tower partly trained); "
+                    "`hivlp evaluate` applies it")
+    va_img = image_trunk_features(model, val_data.image_paths, t.cache_dir, device, num_workers=t.num_workers,
+                                  desc="val images", flip_average=tta)
     va_txt = text_trunk_features(model, val_data.captions, t.cache_dir, device, cfg.data.max_text_tokens, desc="val captions")
     return (tr_img, tr_txt), (va_img, va_txt)
 
