@@ -112,9 +112,10 @@ def image_trunk_features(
     tower = model.image_tower.eval()
     chunks = []
     for pixels, _ in tqdm(dl, desc=f"caching {desc} trunk", unit="batch"):
-        h = tower.forward_trunk(pixels.to(device))
+        pixels = pixels.to(device)
+        h = tower.forward_trunk(pixels)
         if flip_average:
-            h = 0.5 * (h + tower.forward_trunk(torch.flip(pixels.to(device), dims=[-1])))
+            h = 0.5 * (h + tower.forward_trunk(torch.flip(pixels, dims=[-1])))
         chunks.append(_storage_dtype(h.cpu()))
     feats = torch.cat(chunks)
     if views:

@@ -261,13 +261,11 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
             image_frozen_bn=cfg.model.image_frozen_bn,
             image_tta_flip=cfg.model.image_tta_flip,
         ))
-        model.config.image_frozen_bn = cfg.model.image_frozen_bn
-        model.config.image_tta_flip = cfg.model.image_tta_flip
+        model.config = cfg.model  # one config object, as in the fresh branch
     else:
         model = create_model(cfg.model)
         cfg = replace(cfg, model=model.config)
     model.set_trainable(cfg.model.image_trainable_blocks, cfg.model.text_trainable_layers)
-    model.config.learn_temperature = cfg.model.learn_temperature
     model.logit_scale.requires_grad_(cfg.model.learn_temperature)
     model.to(device)
 
