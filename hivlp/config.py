@@ -69,6 +69,7 @@ class LossConfig:
     level_weights: list[float] | None = None  # one per level; default equal
     hard_negative_weight: float = 0.0
     hard_negative_margin: float = 0.2
+    hard_negative_levels: str = "full"  # "full": hinge on the full level; "all": every level, level-weighted
     distill_weight: float = 0.0  # KL of each lower level's similarities towards the full level's
 
 
@@ -324,6 +325,8 @@ def validate_config(cfg: RunConfig, check_files: bool = True) -> None:
             raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.image_views < 0:
         raise ConfigError(f"train.image_views: must be >= 0 (0 = no augmented views), got {t.image_views}")
+    if cfg.loss.hard_negative_levels not in ("full", "all"):
+        raise ConfigError(f"loss.hard_negative_levels: expected 'full' or 'all', got {cfg.loss.hard_negative_levels!r}")
     if t.epoch_unit not in ("caption", "image"):
         raise ConfigError(f"train.epoch_unit: expected 'caption' or 'image', got {t.epoch_unit!r}")
     if t.eval_coarse_dim not in lv:

@@ -54,8 +54,9 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, exclude: torch.Te
 
 
 class HierarchicalContrastiveLoss(nn.Module):
-    """Weighted multi-level symmetric InfoNCE, plus an optional hardest-negative hinge on the full level
-    and an optional self-distillation of every lower level towards the full level's similarities."""
+    """Weighted multi-level symmetric InfoNCE, plus an optional hardest-negative hinge (on the full level,
+    or on every level with the level weights: ``hard_negative_levels="all"``) and an optional
+    self-distillation of every lower level towards the full level's similarities."""
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class HierarchicalContrastiveLoss(nn.Module):
         hard_negative_weight: float = 0.0,
         margin: float = 0.2,
         distill_weight: float = 0.0,
+        hard_negative_levels: str = "full",
     ) -> None:
         super().__init__()
         self.levels = list(levels)
@@ -78,6 +80,9 @@ class HierarchicalContrastiveLoss(nn.Module):
         self.level_weights = [w / total for w in weights]
         self.hard_negative_weight = float(hard_negative_weight)
         self.margin = float(margin)
+        if hard_negative_levels not in ("full", "all"):
+            raise ValueError(f"hard_negative_levels: expected 'full' or 'all', got {hard_negative_levels!r}")
+        self.hard_negative_levels = hard_negative_levels
         self.distill_weight = float(distill_weight)
 
     def forward(
@@ -119,8 +124,11 @@ class HierarchicalContrastiveLoss(nn.Module):
                      for s, sim_l in zip(scales, sims[:-1])) / (len(sims) - 1)
             parts["loss_distill"] = kd.detach()
             total = total + self.distill_weight * kd
-        # `sim` is now the full (last) level's cosine matrix.
-        hard = max_violation_hinge(sim, exclude, self.margin)
+        if self.hard_negative_levels == "all":
+            hard = sum(w * max_violation_hinge(sim_l, exclude, self.margin)
+                       for w, sim_l in zip(self.level_weights, sims))
+        else:
+            hard = max_violation_hinge(sims[-1], exclude, self.margin)
         parts["loss_hard"] = hard.detach()
         if self.hard_negative_weight > 0:
             total = total + self.hard_negative_weight * hard

@@ -38,6 +38,7 @@ def test_overrides_parse_types():
         ("data.datasets=[/nonexistent/flickr.json]", "data.datasets[0]"),  # missing dataset
         ("tracking.enabled=maybe", "tracking.enabled"),
         ("train.image_views=-1", "train.image_views"),
+        ("loss.hard_negative_levels=low", "loss.hard_negative_levels"),
         ("model.init_temperature=[0.1,0.05]", "model.init_temperature"),  # not one per level
         ("model.init_temperature=0", "model.init_temperature"),
     ],

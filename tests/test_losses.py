@@ -143,7 +143,27 @@ def test_hard_negative_term():
     assert with_hard.item() == pytest.approx(plain.item() + 0.5 * hard, rel=1e-6)
 
 
+def test_hard_negative_term_on_every_level():
+    g = torch.Generator().manual_seed(2)
+    img = torch.randn(8, 16, generator=g)
+    txt = img + 2.0 * torch.randn(8, 16, generator=g)
+    ids = [0, 0, 1, 2, 2, 3, 4, 5]
+    scale = torch.tensor(math.log(1 / 0.05))
+    weights = [3.0, 1.0, 1.0]
+    plain, _ = HierarchicalContrastiveLoss(LEVELS, weights)(img, txt, scale, torch.tensor(ids))
+    total, parts = HierarchicalContrastiveLoss(
+        LEVELS, weights, hard_negative_weight=0.5, margin=0.2, hard_negative_levels="all"
+    )(img, txt, scale, torch.tensor(ids))
+    expected = sum(w / 5.0 * reference_hinge(img[:, :d], txt[:, :d], ids, 0.2) for w, d in zip(weights, LEVELS))
+    full_only = reference_hinge(img, txt, ids, 0.2)
+    assert parts["loss_hard"].item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - full_only) > 1e-3  # the lower levels really enter
+    assert total.item() == pytest.approx(plain.item() + 0.5 * expected, rel=1e-6)
+
+
 def test_bad_arguments():
+    with pytest.raises(ValueError, match="hard_negative_levels"):
+        HierarchicalContrastiveLoss(LEVELS, hard_negative_levels="low")
     with pytest.raises(ValueError, match="3 levels"):
         HierarchicalContrastiveLoss(LEVELS, level_weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="fewer than level 16"):

@@ -285,7 +285,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     opt = _optimizer(model, cfg)
     loss_fn = HierarchicalContrastiveLoss(
         model.levels, cfg.loss.level_weights, cfg.loss.hard_negative_weight, cfg.loss.hard_negative_margin,
-        cfg.loss.distill_weight,
+        cfg.loss.distill_weight, cfg.loss.hard_negative_levels,
     )
     step_module: nn.Module = _Step(model)
     if info.enabled:
