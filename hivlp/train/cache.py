@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from hivlp.data.datasets import ImageDataset
 from hivlp.data.images import load_image
 from hivlp.io import atomic_write_bytes
+from hivlp.model.towers import mirror_average
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,7 @@ def image_trunk_features(
     chunks = []
     for pixels, _ in tqdm(dl, desc=f"caching {desc} trunk", unit="batch"):
         pixels = pixels.to(device)
-        h = tower.forward_trunk(pixels)
-        if flip_average:
-            h = 0.5 * (h + tower.forward_trunk(torch.flip(pixels, dims=[-1])))
+        h = mirror_average(tower.forward_trunk, pixels) if flip_average else tower.forward_trunk(pixels)
         chunks.append(_storage_dtype(h.cpu()))
     feats = torch.cat(chunks)
     if views:
