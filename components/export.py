@@ -10,7 +10,7 @@ from components.base import hivlp_component
 @hivlp_component
 def shard_indices(num_shards: int) -> List[int]:
     """[0, 1, ..., num_shards - 1]: the items of the export fan-out."""
-    from hivlp.export import check_shard
+    from hivlp.embeddings.format import check_shard
 
     check_shard((0, num_shards))
     return list(range(num_shards))
@@ -27,7 +27,8 @@ def export_shard(
     image_root: str = "",
 ):
     """Embed shard `shard` of `num_shards` of a split: a Parquet file plus its manifest part."""
-    from hivlp.export import export_embeddings, read_manifest
+    from hivlp.embeddings.export import export_embeddings
+    from hivlp.embeddings.format import read_manifest
 
     export_embeddings(
         model.path, dataset_json, split, embeddings.path, image_root=image_root or None,

@@ -25,7 +25,7 @@ def pretrain(
     """Train the hierarchical heads (and the top of the towers) from the pretrained towers."""
     import os
 
-    from hivlp.train.engine import run_recipe
+    from hivlp.train.trainer import run_recipe
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
@@ -52,7 +52,7 @@ def finetune(
     """Continue from the pre-trained checkpoint `init` with the fine-tuning recipe."""
     import os
 
-    from hivlp.train.engine import run_recipe
+    from hivlp.train.trainer import run_recipe
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri

@@ -39,7 +39,7 @@ class DataConfig:
 class ModelConfig:
     """The dual encoder: two towers, a hierarchical head, nested levels."""
 
-    name: str = "effl0-minilm"  # a name in hivlp.model.registry; the fields below override it
+    name: str = "effl0-minilm"  # a name in hivlp.model.presets; the fields below override it
     image_tower: str | None = None  # timm model name
     image_weights: str | None = None  # "package", "hub", "none" or a local file path
     image_size: int | None = None  # input resolution; None = the tower's own (timm data config)
@@ -228,8 +228,9 @@ def parse_overrides(overrides: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
-        # YAML reads 1e-4 as a string (no dot); accept it as a float.
-        if isinstance(value, str):
+        # YAML 1.1 reads an unquoted 1e-4 as a string (no dot); take it as the number it means. A quoted
+        # value ('"1.5"') stays the string it was written as.
+        if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
             try:
                 value = float(value) if any(c in value for c in "eE.") else value
             except ValueError:
@@ -277,17 +278,17 @@ def load_config(
         data = _deep_merge(data, _read_yaml_chain(Path(path), []))
     data = _deep_merge(data, parse_overrides(overrides))
     cfg = _from_dict(RunConfig, data)
-    validate_config(cfg, check_files=check_files)
+    check_config(cfg, check_files=check_files)
     return cfg
 
 
 def config_from_dict(data: dict, check_files: bool = False) -> RunConfig:
     cfg = _from_dict(RunConfig, data)
-    validate_config(cfg, check_files=check_files)
+    check_config(cfg, check_files=check_files)
     return cfg
 
 
-def validate_config(cfg: RunConfig, check_files: bool = True) -> None:
+def check_config(cfg: RunConfig, check_files: bool = True) -> None:
     """Cross-field checks; each error names the field."""
     if cfg.recipe not in ("pretrain", "finetune"):
         raise ConfigError(f"recipe: expected 'pretrain' or 'finetune', got {cfg.recipe!r}")

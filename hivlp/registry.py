@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import socket
 import tempfile
 from dataclasses import asdict, dataclass
@@ -35,17 +34,14 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorS
 
 from hivlp.config import TrackingConfig
 from hivlp.errors import HivlpError, UsageError
-from hivlp.io import sha256_file
-from hivlp.tracking import artifact_location, tracking_uri
+from hivlp.model.checkpoint import checkpoint_sha256, copy_checkpoint, read_meta
+from hivlp.tracking import artifact_location, is_local_store, tracking_uri
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "hivlp"
 DEFAULT_ALIAS = "champion"
 DEFAULT_METRIC = "r_mean"
-# What a checkpoint folder needs to be rebuilt (see hivlp.model.checkpoint); training folders also
-# hold resume/ (optimizer state) and history.json, which a served model does not need.
-CHECKPOINT_FILES = ("config.yaml", "model.safetensors", "meta.json", "text_tower")
 # Third-party packages the pyfunc imports; pinned to the versions installed here.
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "transformers", "safetensors", "numpy", "pandas", "pillow")
 CONNECT_TIMEOUT_S = 5.0
@@ -68,33 +64,33 @@ class HivlpEncoder(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame with a `text` column, an `image_path` column, or both (each row fills exactly
     one). Output: a float32 array, one row per input row: the full D-dim embedding (unnormalised, as
-    `hivlp.model.encode_texts/encode_images` return it), or with `params={"level": d}` its first d
+    `hivlp.model.encode.Encoder` returns it), or with `params={"level": d}` its first d
     dims L2-normalised, the level-d embedding that retrieval uses.
     """
 
     def load_context(self, context: Any) -> None:
-        from hivlp.model import load_checkpoint
+        from hivlp.model.encode import load_encoder
 
-        self.model, _ = load_checkpoint(context.artifacts["checkpoint"])
+        self.encoder = load_encoder(context.artifacts["checkpoint"], device="cpu")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        from hivlp.model import encode_images, encode_texts, level_np
+        from hivlp.model import level_np
 
         level = int((params or {}).get("level", 0))
-        if level and level not in self.model.levels:
-            raise ValueError(f"level {level} is not a level of this model; use one of {self.model.levels} or 0 (full)")
+        if level and level not in self.encoder.levels:
+            raise ValueError(f"level {level} is not a level of this model; use one of {self.encoder.levels} or 0 (full)")
         texts = _column(model_input, "text")
         images = _column(model_input, "image_path")
         both, neither = texts.notna() & images.notna(), texts.isna() & images.isna()
         if both.any() or neither.any():
             row = int(np.flatnonzero((both | neither).to_numpy())[0])
             raise ValueError(f"row {row}: give exactly one of `text` and `image_path`")
-        out = np.zeros((len(model_input), self.model.embed_dim), dtype=np.float32)
+        out = np.zeros((len(model_input), self.encoder.dim), dtype=np.float32)
         is_text = texts.notna().to_numpy()
         if is_text.any():
-            out[is_text] = encode_texts(self.model, texts[is_text].tolist(), progress=False)
+            out[is_text] = self.encoder.texts(texts[is_text].tolist(), progress=False)
         if (~is_text).any():
-            out[~is_text] = encode_images(self.model, images[~is_text].tolist(), num_workers=0, progress=False)
+            out[~is_text] = self.encoder.images(images[~is_text].tolist(), num_workers=0, progress=False)
         return level_np(out, level) if level else out
 
 
@@ -146,10 +142,6 @@ def connect(uri: str | None = None) -> MlflowClient:
     return client
 
 
-def _is_remote(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https", "databricks")
-
-
 def _get_run(client: MlflowClient, run_id: str) -> Any:
     try:
         return client.get_run(run_id)
@@ -174,31 +166,9 @@ def _serving_requirements() -> list[str]:
     return reqs
 
 
-def _stage_checkpoint(checkpoint_dir: Path, into: Path) -> Path:
-    """Copy the files that make up the checkpoint (not resume state or history) into a fresh folder."""
-    missing = [n for n in ("config.yaml", "model.safetensors", "meta.json") if not (checkpoint_dir / n).is_file()]
-    if missing:
-        raise UsageError(
-            f"{checkpoint_dir} is not a hivlp checkpoint (missing {', '.join(missing)}); pass the folder "
-            "written by `hivlp pretrain` / `hivlp finetune`"
-        )
-    out = into / "checkpoint"
-    out.mkdir()
-    for name in CHECKPOINT_FILES:
-        src = checkpoint_dir / name
-        if src.is_dir():
-            shutil.copytree(src, out / name)
-        elif src.is_file():
-            shutil.copy2(src, out / name)
-    return out
-
-
 def _training_run_id(client: MlflowClient, ckpt: Path) -> str | None:
     """The MLflow run that trained the checkpoint (meta.json), if it lives in this tracking store."""
-    try:
-        rid = json.loads((ckpt / "meta.json").read_text()).get("mlflow_run_id")
-    except (OSError, ValueError):
-        return None
+    rid = read_meta(ckpt).get("mlflow_run_id")
     if not rid:
         return None
     try:
@@ -231,14 +201,12 @@ def log_model(
     else:
         if client.get_experiment_by_name(experiment) is None:
             uri = mlflow.get_tracking_uri()
-            client.create_experiment(experiment, artifact_location=None if _is_remote(uri) else artifact_location())
+            client.create_experiment(experiment, artifact_location=artifact_location() if is_local_store(uri) else None)
         mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name="register")
     with tempfile.TemporaryDirectory(prefix="hivlp-register-") as tmp, run:
-        staged = _stage_checkpoint(ckpt, Path(tmp))
-        weights_sha = json.loads((staged / "meta.json").read_text()).get("weights_sha256") or sha256_file(
-            staged / "model.safetensors"
-        )
+        staged = copy_checkpoint(ckpt, Path(tmp) / "checkpoint")
+        weights_sha = checkpoint_sha256(staged)
         mlflow.set_tags({"hivlp.checkpoint": str(ckpt.resolve()), "hivlp.weights_sha256": weights_sha})
         info = mlflow.pyfunc.log_model(
             name=name,
@@ -424,6 +392,15 @@ def register_and_promote(
         info.registered_model_version, name, metrics_path=metrics_path, run_id=run_id, metric=metric,
         min_value=min_value, alias=alias, tracking_uri=tracking_uri,
     )
+
+
+def load_pyfunc(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """The pyfunc model at `model_uri` (e.g. `models:/hivlp@champion`), with a clear error if it cannot load."""
+    connect(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as e:
+        raise UsageError(f"--model-uri {model_uri}: cannot load it ({e.message})") from None
 
 
 def load_champion(name: str = DEFAULT_NAME, alias: str = DEFAULT_ALIAS, tracking_uri: str | None = None) -> Any:

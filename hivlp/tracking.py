@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from hivlp.config import RunConfig, TrackingConfig
 
@@ -34,6 +35,12 @@ def artifact_location(cfg: TrackingConfig | None = None) -> str:
         return cfg.artifact_location
     DEFAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return DEFAULT_ARTIFACTS.resolve().as_uri()
+
+
+def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk (sqlite, file, or a bare path), which gets an explicit artifact
+    folder; any other scheme is a server that chooses its own artifact store."""
+    return urlparse(uri).scheme in ("", "sqlite", "file")
 
 
 def _param_value(v: Any) -> str:
@@ -60,11 +67,9 @@ class RunTracker:
         mlflow.set_tracking_uri(tracking_uri(self.cfg))
         exp = mlflow.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
-            uri = tracking_uri(self.cfg)
-            # A tracking server chooses its own artifact store; a local store gets an explicit folder.
-            local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
             mlflow.create_experiment(
-                self.cfg.experiment, artifact_location=artifact_location(self.cfg) if local else None
+                self.cfg.experiment,
+                artifact_location=artifact_location(self.cfg) if is_local_store(tracking_uri(self.cfg)) else None,
             )
         mlflow.set_experiment(self.cfg.experiment)
         run = mlflow.start_run(

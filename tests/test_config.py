@@ -26,6 +26,13 @@ def test_overrides_parse_types():
     assert d == {"train": {"lr": 1e-4, "epochs": 3}, "model": {"levels": [64, 512]}, "tracking": {"enabled": False}}
 
 
+@pytest.mark.parametrize("raw", ['"1.5"', "'1.5'", '"2e-3"'])
+def test_quoted_override_stays_a_string(raw):
+    assert parse_overrides([f"tracking.run_name={raw}"]) == {"tracking": {"run_name": raw[1:-1]}}
+    cfg = load_config(None, [f"tracking.run_name={raw}"], check_files=False)
+    assert cfg.tracking.run_name == raw[1:-1]
+
+
 @pytest.mark.parametrize(
     "override, field",
     [

@@ -12,9 +12,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hivlp.bench.retrieval import GaussianDistractors, build_gallery, synthetic_embeddings
+from hivlp.bench.retrieval import (
+    GaussianDistractors,
+    build_gallery,
+    synthetic_embeddings,
+)
 from hivlp.errors import UsageError
-from hivlp.retrieval.engine import CoarseToFineEngine, ExactEngine, SearchEngine, topk_rows
+from hivlp.retrieval.inmemory import (
+    CoarseToFineEngine,
+    ExactEngine,
+    SearchEngine,
+    topk_rows,
+)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

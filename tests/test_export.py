@@ -13,16 +13,16 @@ import pytest
 
 from hivlp.cli import main
 from hivlp.config import ModelConfig, RunConfig
-from hivlp.errors import UsageError
-from hivlp.export import (
+from hivlp.embeddings.export import export_embeddings
+from hivlp.embeddings.format import (
     TEXT_ID_OFFSET,
     batch_embeddings,
-    export_embeddings,
     iter_shard_batches,
     load_embeddings,
     read_manifest,
     shard_range,
 )
+from hivlp.errors import UsageError
 from hivlp.io import sha256_file
 from tests.conftest import write_slice
 
@@ -100,7 +100,7 @@ def test_export_schema_ids_and_manifest(whole, model_and_checkpoint, val8):
     split = load_split(val8, "val")
     emb = batch_embeddings(t)
     direct_img = encode_images(model, split.image_paths[:2], batch_size=2, num_workers=0, progress=False)
-    direct_txt = encode_texts(model, split.captions[:3], progress=False)
+    direct_txt = encode_texts(model, split.captions[:3], progress=False, max_tokens=40)
     np.testing.assert_allclose(emb[:2], direct_img, atol=1e-4)
     np.testing.assert_allclose(emb[8:11], direct_txt, atol=1e-4)
     assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0)
@@ -130,7 +130,7 @@ def test_rerun_of_a_finished_shard_is_a_noop(whole, model_and_checkpoint, val8, 
     def no_model(*a, **k):
         raise AssertionError("a finished shard must not load the model")
 
-    monkeypatch.setattr("hivlp.model.load_checkpoint", no_model)
+    monkeypatch.setattr("hivlp.model.encode.load_encoder", no_model)
     assert export_embeddings(model_and_checkpoint[1], val8, "val", whole, device="cpu") == path
     assert path.stat().st_mtime_ns == before
 
@@ -186,4 +186,4 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, val8, capsys):
     nope = str(tmp_path / "nope")
     code = main(["export", "--checkpoint", nope, "--dataset", str(val8), "--out", str(tmp_path / "x")])
     assert code == 2
-    assert "not a checkpoint folder" in capsys.readouterr().err
+    assert f"{nope}: checkpoint folder not found" in capsys.readouterr().err

@@ -17,16 +17,21 @@ import pytest
 
 from hivlp.cli import main
 from hivlp.config import RunConfig
-from hivlp.export import TEXT_ID_OFFSET, batch_embeddings, export_embeddings, load_embeddings, read_manifest
-from hivlp.retrieval.engine import CoarseToFineEngine, ExactEngine
+from hivlp.embeddings.export import export_embeddings
+from hivlp.embeddings.format import (
+    TEXT_ID_OFFSET,
+    batch_embeddings,
+    load_embeddings,
+    read_manifest,
+)
+from hivlp.retrieval.evaluate import evaluate_milvus
+from hivlp.retrieval.inmemory import CoarseToFineEngine, ExactEngine, l2_normalize
 from hivlp.retrieval.milvus import (
     DimensionMismatchError,
     IndexNotReadyError,
     MilvusDualIndex,
     MilvusLockedError,
     MilvusUnavailableError,
-    bench_rows,
-    evaluate_milvus,
 )
 from tests.conftest import write_slice
 from tests.test_export import real_model
@@ -260,15 +265,16 @@ def test_evaluate_milvus_matches_in_memory_coarse_to_fine(index, db, arrays):
 
 
 def test_bench_rows_full_vs_coarse_to_fine(tmp_path, arrays):
-    img_ids, img, _, txt, t2i = arrays
-    rows = bench_rows(
-        img, img_ids, txt, img_ids[t2i], coarse_dim=64, shortlist=32, k=10, workdir=tmp_path, n_single=5
-    )
+    from hivlp.bench.milvus import milvus_rows
+
+    _, img, _, txt, t2i = arrays
+    gallery = l2_normalize(img)
+    exact = ExactEngine(gallery).search(txt, 10).ids
+    rows = milvus_rows(gallery, txt, t2i, exact, coarse_dim=64, shortlist=32, workdir=tmp_path, repeats=5, batch=64)
     assert [r["method"] for r in rows] == ["milvus_full", "milvus_c2f"]
-    exact = ExactEngine(img, img_ids).search(txt, 10).ids
-    r1 = 100.0 * float(np.mean(exact[:, 0] == img_ids[t2i]))  # percent, like recall_metrics
+    r1 = 100.0 * float(np.mean(exact[:, 0] == t2i))  # percent, like recall_metrics
     for r in rows:
-        assert r["n"] == 32 and r["ms_single"] > 0 and r["ms_batch"] > 0
+        assert r["n"] == 32 and r["ms_single_p50"] > 0 and r["ms_batch_p50"] > 0
         assert r["agree10"] >= 0.99  # 32 items: HNSW is exact, and the shortlist holds every image
         assert abs(r["r1"] - r1) <= 100.0 / len(txt) + 1e-9
     assert rows[0]["bytes_per_item"] == 4 * 512 and rows[1]["bytes_per_item"] == 4 * 64

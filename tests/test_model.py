@@ -27,12 +27,17 @@ from hivlp.model import (
     level_np,
     list_models,
     load_checkpoint,
+    presets,
     register_model_config,
     resolve_model_config,
     save_checkpoint,
+    towers,
 )
-from hivlp.model import registry, towers
-from hivlp.model.towers import map_state_dict_in_order, package_image_weights_path, package_text_tower_path
+from hivlp.model.towers import (
+    map_state_dict_in_order,
+    package_image_weights_path,
+    package_text_tower_path,
+)
 
 CAPTIONS = [
     "A black dog is running through the grass .",
@@ -325,14 +330,14 @@ def test_heads_and_levels():
 def test_encode_split_shapes_order_and_mode(model, slice_json):
     split = load_split(slice_json, "val", limit_images=3)
     model.train()
-    img, txt = encode_split(model, split, num_workers=0, progress=False)
+    img, txt = encode_split(model, split, 40, num_workers=0, progress=False)
     assert model.training  # previous mode restored
     model.eval()
     assert img.shape == (3, 512) and txt.shape == (15, 512)
     assert img.dtype == np.float32 and txt.dtype == np.float32
     assert np.allclose(np.linalg.norm(level_np(txt, 64), axis=1), 1.0, atol=1e-5)
     # Rows follow the input order (encode_texts batches by length internally).
-    rev = encode_texts(model, split.captions[::-1], batch_size=4, progress=False)
+    rev = encode_texts(model, split.captions[::-1], batch_size=4, progress=False, max_tokens=40)
     np.testing.assert_allclose(rev[::-1], txt, atol=1e-5)
     one = encode_images(model, split.image_paths[1:2], num_workers=0, progress=False)
     np.testing.assert_allclose(one[0], img[1], atol=1e-5)
@@ -383,23 +388,68 @@ def _check_round_trip(model, pixels, tmp_path, monkeypatch) -> None:
 
 
 def test_load_checkpoint_errors(tmp_path, model):
-    with pytest.raises(UsageError, match="is not a hivlp checkpoint"):
+    import shutil
+
+    with pytest.raises(UsageError, match="meta.json is missing"):
         load_checkpoint(tmp_path)
     out = save_checkpoint(model, RunConfig(), tmp_path / "ckpt")
-    weights = out / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(UsageError, match="sha256 differs"):
-        load_checkpoint(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["files_sha256"]) >= {"config.yaml", "model.safetensors", "text_tower/tokenizer.json"}
+
+    def tampered(name: str, change) -> None:
+        """A copy of the checkpoint with one file changed must be refused, naming that file."""
+        bad = tmp_path / f"bad-{name.replace('/', '-')}"
+        shutil.copytree(out, bad)
+        change(bad / name)
+        with pytest.raises(UsageError, match=f"{bad / name}: sha256 differs from {bad / 'meta.json'}"):
+            load_checkpoint(bad)
+
+    def flip_last_byte(p):
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0xFF
+        p.write_bytes(bytes(data))
+
+    tampered("model.safetensors", flip_last_byte)
+    # An edited config (here: other levels) would rebuild another model around the same weights.
+    tampered("config.yaml", lambda p: p.write_text(p.read_text().replace("head: linear", "head: mlp")))
+    tampered("text_tower/tokenizer_config.json", lambda p: p.write_text(p.read_text().replace("true", "false", 1)))
+
+    # meta.json is written last: without it the folder is an unfinished save, never loaded.
+    no_meta = tmp_path / "no-meta"
+    shutil.copytree(out, no_meta)
+    (no_meta / "meta.json").unlink()
+    with pytest.raises(UsageError, match=f"{no_meta / 'meta.json'} is missing"):
+        load_checkpoint(no_meta)
+    broken = tmp_path / "broken-meta"
+    shutil.copytree(out, broken)
+    (broken / "meta.json").write_text("{not json")
+    with pytest.raises(UsageError, match=f"{broken / 'meta.json'}: not valid JSON"):
+        load_checkpoint(broken)
+    assert load_checkpoint(out)[0].embed_dim == 512  # the untouched original still loads
+
+
+def test_encoder_uses_the_checkpoints_own_token_limit(tmp_path, model):
+    """Every consumer encodes through `load_encoder`, with the checkpoint's data.max_text_tokens."""
+    from hivlp.model.encode import load_encoder
+
+    cfg = RunConfig()
+    cfg.data.max_text_tokens = 6
+    short = load_encoder(save_checkpoint(model, cfg, tmp_path / "short"), device="cpu")
+    long = load_encoder(save_checkpoint(model, RunConfig(), tmp_path / "long"), device="cpu")
+    assert (short.max_tokens, long.max_tokens) == (6, 40)
+    caption = "a brown dog with a red collar runs across the green grass towards a small child"
+    a, b = short.texts([caption], progress=False), long.texts([caption], progress=False)
+    np.testing.assert_allclose(a, encode_texts(model, [caption], progress=False, max_tokens=6), atol=1e-5)
+    assert not np.allclose(a, b, atol=1e-3)
+    assert short.weights_sha256 == json.loads((tmp_path / "short" / "meta.json").read_text())["weights_sha256"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry
+# Named model presets
 
 
-def test_registry_resolution(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def test_preset_resolution(monkeypatch):
+    monkeypatch.setattr(presets, "_PRESETS", dict(presets._PRESETS))
     assert {"effl0-minilm", "effl0-minilm-mlp", "effl2-minilm-mlp"} <= set(list_models())
     base = resolve_model_config(ModelConfig())
     assert (base.image_tower, base.image_weights, base.text_tower) == ("tf_efficientnet_lite0", "package", "package")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -64,6 +66,28 @@ def test_cli_help_is_fast():
     out = subprocess.run([sys.executable, "-m", "hivlp", "--help"], capture_output=True, text=True, cwd=REPO)
     elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
-    for cmd in ("validate", "pretrain", "finetune", "evaluate"):
-        assert cmd in out.stdout
+    from hivlp.cli import COMMANDS
+
+    listed = re.findall(r"^    (\w+)", out.stdout, flags=re.M)
+    assert listed == COMMANDS  # every command, in pipeline order
     assert elapsed < 2.0, f"hivlp --help took {elapsed:.2f}s; keep heavy imports inside commands"
+
+
+def test_every_command_has_help(capsys):
+    from hivlp.cli import COMMANDS, main
+
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([cmd, "--help"])
+        assert exit_.value.code == 0, cmd
+        assert f"usage: hivlp {cmd}" in capsys.readouterr().out
+
+
+def test_a_command_that_cannot_load_fails_loudly(monkeypatch, capsys):
+    """A broken command module must not vanish from `hivlp --help` (it once did, silently)."""
+    import hivlp.cli as cli
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, "no_such_command"])
+    assert cli.main(["--help"]) == 1
+    err = capsys.readouterr().err
+    assert "'no_such_command' command cannot be loaded" in err and "make setup" in err

@@ -25,7 +25,7 @@ def _compile(out, **env):
     """Compile in a fresh interpreter, so the compile-time environment is exactly `env`."""
     clean = {k: v for k, v in os.environ.items() if k not in COMPILE_ENV}
     subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "hivlp.py"), "--output", str(out)],
+        [sys.executable, "-m", "pipelines.hivlp_pipeline", "--output", str(out)],
         cwd=REPO, env={**clean, **env}, check=True, capture_output=True, text=True,
     )
     return yaml.safe_load(out.read_text())
@@ -167,7 +167,7 @@ def test_whole_pipeline_runs_locally(local_runner, flickr8k_raw):
     from mlflow import MlflowClient
 
     from hivlp.retrieval.milvus import MilvusDualIndex
-    from pipelines.hivlp import hivlp_pipeline
+    from pipelines.hivlp_pipeline import hivlp_pipeline
 
     tmp = local_runner
     data = write_slice(flickr8k_raw, tmp / "data", n_train=16, n_val=16)

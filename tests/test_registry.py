@@ -21,7 +21,13 @@ from hivlp import registry
 from hivlp.cli import main
 from hivlp.config import ModelConfig, RunConfig
 from hivlp.errors import UsageError
-from hivlp.model import create_model, encode_images, encode_texts, load_checkpoint, save_checkpoint
+from hivlp.model import (
+    create_model,
+    encode_images,
+    encode_texts,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 from .conftest import FLICKR8K
 
@@ -149,15 +155,15 @@ def test_champion_pyfunc_matches_the_checkpoint(store, client, tmp_path):
     images = sorted((FLICKR8K / "images").glob("*.jpg"))[:2]
 
     np.testing.assert_allclose(
-        served.predict(pd.DataFrame({"text": CAPTIONS})), encode_texts(model, CAPTIONS, progress=False), atol=1e-6
+        served.predict(pd.DataFrame({"text": CAPTIONS})), encode_texts(model, CAPTIONS, progress=False, max_tokens=40), atol=1e-6
     )
     mixed = pd.DataFrame({"text": [CAPTIONS[0], None], "image_path": [None, str(images[0])]})
     out = served.predict(mixed)
-    np.testing.assert_allclose(out[0], encode_texts(model, CAPTIONS[:1], progress=False)[0], atol=1e-6)
+    np.testing.assert_allclose(out[0], encode_texts(model, CAPTIONS[:1], progress=False, max_tokens=40)[0], atol=1e-6)
     np.testing.assert_allclose(out[1], encode_images(model, images[:1], num_workers=0, progress=False)[0], atol=1e-5)
 
     level = served.predict(pd.DataFrame({"text": CAPTIONS}), params={"level": 64})
-    full = encode_texts(model, CAPTIONS, progress=False)
+    full = encode_texts(model, CAPTIONS, progress=False, max_tokens=40)
     assert level.shape == (3, 64)
     np.testing.assert_allclose(level, full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True), atol=1e-6)
     with pytest.raises(Exception, match="level 100"):

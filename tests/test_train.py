@@ -16,7 +16,7 @@ from hivlp.data.karpathy import load_split
 from hivlp.model import load_checkpoint
 from hivlp.model.encode import encode_split
 from hivlp.retrieval.metrics import recall_metrics
-from hivlp.train.engine import train
+from hivlp.train.trainer import train
 
 from .conftest import REPO
 
@@ -45,7 +45,7 @@ def cache_dir(tmp_path_factory):
 def _train_r1(model_dir, slice_json) -> float:
     model, _ = load_checkpoint(model_dir)
     split = load_split(slice_json, "train")
-    img, txt = encode_split(model, split, num_workers=0, progress=False)
+    img, txt = encode_split(model, split, 40, num_workers=0, progress=False)
     sims = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
     m = recall_metrics(sims, split.text_to_image)
     return (m["txt_r1"] + m["img_r1"]) / 2
@@ -152,7 +152,14 @@ def test_augmented_views_are_cached_reproducibly(slice_json, tmp_path):
     again = image_trunk_features(model, paths, tmp_path / "b", cpu, num_workers=2, views=3, seed=7)
     assert torch.equal(views, again)
     assert len(list((tmp_path / "a").glob("img-*.safetensors"))) == 1
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a cached entry must be read, not recomputed")
+
+    live = model.image_tower.forward_trunk
+    model.image_tower.forward_trunk = no_recompute
     assert torch.equal(image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0, views=3, seed=7), views)
+    model.image_tower.forward_trunk = live
     plain = image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0)
     assert plain.shape == (6, model.image_tower.feature_dim)
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], plain)

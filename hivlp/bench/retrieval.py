@@ -5,11 +5,13 @@ gallery are distractors drawn from a Gaussian with the mean and full covariance 
 embeddings (train + val images), so every size N measures the same queries against more clutter.
 Every method runs on the same gallery and queries in one process, one after the other.
 
-Rows: {"method", "n", "ms_single", "ms_batch", "bytes_per_item", "r1", "r10", "agree10", ...}
-- ms_single: median ms of `repeats` one-query searches; ms_batch: per-query ms in batches of `batch`;
+Rows: {"method", "n", "ms_single_p50", "ms_batch_p50", "bytes_per_item", "r1", "r10", "agree10", ...}
+- ms_single_p50 / ms_single_p90: median / 90th percentile ms of `repeats` one-query searches;
+- ms_batch_p50: median over batches of `batch` queries of the per-query ms;
 - bytes_per_item: bytes a query reads per gallery item in the pass over all N items;
 - r1, r10: percent of queries whose true image is first / in the top 10;
-- agree10: mean overlap (0..1) of the top 10 with exact full-dim search (when `exact` runs too).
+- agree10: mean overlap (0..1) of the top 10 with exact full-dim search (when `exact` runs too; the
+  `exact` row is that reference and carries none).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from hivlp import DEFAULT_LEVELS
+from hivlp.bench.measure import TOP_K, quality, time_batches, time_single
 from hivlp.errors import UsageError
 from hivlp.io import atomic_write_bytes, atomic_write_json
-from hivlp.retrieval.engine import (
+from hivlp.retrieval.inmemory import (
     CoarseToFineEngine,
     ExactEngine,
     InMemoryEngine,
@@ -45,7 +48,6 @@ log = logging.getLogger(__name__)
 METHODS = ("exact", "faiss_flat", "c2f_fp32", "c2f_int8", "c2f_binary")
 DEFAULT_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 MILVUS_SIZE = 100_000
-TOP_K = 10
 DISTRACTORS = (
     "Gaussian: mean and full covariance of the real (unnormalised) image embeddings used to fit "
     "it (Flickr8k train + val images when encoded from a checkpoint), ridge 1e-6 x mean variance; "
@@ -180,18 +182,12 @@ def encode_embeddings(
     `fit_train`, so re-running the bench does not re-encode.
     """
     from hivlp.data.karpathy import load_split
-    from hivlp.io import sha256_file
+    from hivlp.model.checkpoint import checkpoint_sha256
 
     ckpt, data = Path(checkpoint), Path(dataset)
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise UsageError(
-            f"{ckpt} is not a hivlp checkpoint (no model.safetensors); pass --checkpoint DIR or "
-            "--embeddings FILE.npz"
-        )
+    weights_sha = checkpoint_sha256(ckpt)
     if not data.is_file():
         raise UsageError(f"{data}: dataset file not found (pass --dataset PATH to a Karpathy-format JSON)")
-    weights_sha = sha256_file(weights)
     stat = data.stat()
     key_text = f"{weights_sha}|{data.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image_root}|{fit_train}"
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
@@ -200,20 +196,18 @@ def encode_embeddings(
         log.info("using cached embeddings %s", cache)
         return BenchEmbeddings.load(cache)
 
-    from hivlp.model import load_checkpoint
-    from hivlp.model.encode import encode_images, encode_texts
+    from hivlp.model.encode import load_encoder
 
-    model, _ = load_checkpoint(ckpt, device=device)
+    encoder = load_encoder(ckpt, device=device)
     val = load_split(data, "val", image_root)
-    image = encode_images(model, val.image_paths, batch_size=batch_size, device=device, progress=progress)
-    text = encode_texts(model, val.captions, device=device, progress=progress)
+    image, text = encoder.split(val, batch_size=batch_size, progress=progress)
     extra = image[:0]
     if fit_train:
         train = load_split(data, "train", image_root)
-        extra = encode_images(model, train.image_paths, batch_size=batch_size, device=device, progress=progress)
+        extra = encoder.images(train.image_paths, batch_size=batch_size, progress=progress)
     emb = BenchEmbeddings(
         image=image, text=text, text_to_image=val.text_to_image, extra_image=extra,
-        levels=list(model.levels),
+        levels=encoder.levels,
         source=f"checkpoint {ckpt} (weights sha256 {weights_sha[:12]}), {data.name} val captions",
     )
     emb.save(cache)
@@ -303,41 +297,6 @@ def make_engine(method: str, gallery: np.ndarray, cfg: BenchConfig) -> InMemoryE
     raise UsageError(f"unknown method {method!r}; choose from {list(METHODS)}")
 
 
-def _time_single(engines: dict[str, InMemoryEngine], queries: np.ndarray, repeats: int) -> dict[str, list[float]]:
-    """ms of one-query searches, methods interleaved query by query, so a burst of load from other
-    processes hits every method alike rather than whichever happened to be running."""
-    for engine in engines.values():
-        engine.search(queries[0], TOP_K)  # warm up: first-touch pages, thread pools
-    times: dict[str, list[float]] = {m: [] for m in engines}
-    for q in queries[:repeats]:
-        for method, engine in engines.items():
-            t = time.perf_counter()
-            engine.search(q, TOP_K)
-            times[method].append(1000 * (time.perf_counter() - t))
-    return times
-
-
-def _time_batches(engine: InMemoryEngine, queries: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
-    """(per-query ms, median over batches of `batch` queries; top-k rows of every query)."""
-    rows = np.empty((len(queries), TOP_K), dtype=np.int64)
-    per_query = []
-    for a in range(0, len(queries), batch):
-        block = queries[a : a + batch]
-        t = time.perf_counter()
-        rows[a : a + len(block)] = engine.search(block, TOP_K).ids
-        per_query.append(1000 * (time.perf_counter() - t) / len(block))
-    return float(np.median(per_query)), rows
-
-
-def _quality(rows: np.ndarray, true_rows: np.ndarray, exact: np.ndarray | None) -> dict[str, float]:
-    hit = rows[:, :TOP_K] == true_rows[:, None]
-    out = {"r1": float(100 * hit[:, 0].mean()), "r10": float(100 * hit.any(axis=1).mean())}
-    if exact is not None:
-        overlap = [len(np.intersect1d(a, b)) / TOP_K for a, b in zip(rows, exact)]
-        out["agree10"] = float(np.mean(overlap))
-    return out
-
-
 def _select_queries(emb: BenchEmbeddings, n: int, seed: int) -> np.ndarray:
     if n <= 0 or n >= len(emb.text):
         return np.arange(len(emb.text))
@@ -400,18 +359,19 @@ def run_retrieval_bench(
             t = time.perf_counter()
             engines[method] = make_engine(method, gallery, cfg)
             build_s[method] = time.perf_counter() - t
-        single = _time_single(engines, queries, cfg.repeats)
+        single = time_single(engines, queries, cfg.repeats)
         exact_top = None
         for method, engine in engines.items():
             bar.set_postfix_str(f"n={n} {method}")
-            ms_batch, rows = _time_batches(engine, queries, cfg.batch)
+            ms_batch, rows = time_batches(engine, queries, cfg.batch)
             if method == "exact":
                 exact_top = rows
             row = {
-                "method": method, "n": n, "ms_single": float(np.median(single[method])), "ms_batch": ms_batch,
+                "method": method, "n": n, "ms_single_p50": float(np.median(single[method])),
+                "ms_single_p90": float(np.percentile(single[method], 90)), "ms_batch_p50": ms_batch,
                 "bytes_per_item": engine.bytes_per_item,
-                **_quality(rows, true_rows, exact_top),
-                "ms_single_p90": float(np.percentile(single[method], 90)), "build_s": build_s[method],
+                **quality(rows, true_rows, None if method == "exact" else exact_top),
+                "build_s": build_s[method],
                 "gallery_s": gen_s, "n_queries": len(queries), "memory_mb": engine.memory_bytes() / 2**20,
             }
             if isinstance(engine, CoarseToFineEngine):
@@ -422,12 +382,13 @@ def run_retrieval_bench(
                     row["funnel"] = engine.funnel
             result["rows"].append(row)
             log.info("n=%d %s: %.2f ms single, %.3f ms batched, R@10 %.1f",
-                     n, method, row["ms_single"], ms_batch, row["r10"])
+                     n, method, row["ms_single_p50"], ms_batch, row["r10"])
             bar.update()
         del engines
         if cfg.milvus and n == MILVUS_SIZE:
             m = min(cfg.milvus_queries, len(queries))
-            result["rows"] += _milvus_rows(gallery, queries[:m], true_rows[:m], cfg, workdir, result["notes"])
+            exact_m = exact_top[:m] if exact_top is not None else None
+            result["rows"] += _milvus_rows(gallery, queries[:m], true_rows[:m], exact_m, cfg, workdir, result["notes"])
         del gallery
     bar.close()
 
@@ -444,23 +405,18 @@ def run_retrieval_bench(
 
 
 def _milvus_rows(
-    gallery: np.ndarray, queries: np.ndarray, true_rows: np.ndarray, cfg: BenchConfig,
-    workdir: str | Path | None, notes: list[str],
+    gallery: np.ndarray, queries: np.ndarray, true_rows: np.ndarray, exact_top: np.ndarray | None,
+    cfg: BenchConfig, workdir: str | Path | None, notes: list[str],
 ) -> list[dict[str, Any]]:
-    """Rows from the Milvus Lite backend, when its module is there; a failure is noted, not fatal."""
-    try:
-        from hivlp.retrieval import milvus
-    except ImportError as e:
-        notes.append(f"milvus rows skipped: {e}")
-        return []
+    """Rows from the Milvus Lite backend (`hivlp.bench.milvus`); a failure is noted, not fatal."""
+    from hivlp.bench.milvus import milvus_rows
+
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="milvus-bench-") as tmp:
         try:
-            rows = milvus.bench_rows(
-                gallery, np.arange(len(gallery)), queries, true_rows,
-                cfg.coarse_dim, cfg.shortlist, TOP_K, tmp, n_single=cfg.repeats,
-            )
+            rows = milvus_rows(gallery, queries, true_rows, exact_top, cfg.coarse_dim, cfg.shortlist, tmp,
+                               repeats=cfg.repeats, batch=cfg.batch)
         except Exception as e:  # noqa: BLE001 - minutes of other results must still be written
             log.warning("milvus rows failed: %s", e)
             notes.append(f"milvus rows failed: {type(e).__name__}: {e}")
@@ -482,7 +438,7 @@ def distractor_check(
     out: dict[str, Any] = {"n": len(real)}
     for label, gallery in (("real_images", real), ("gaussian", np.concatenate([emb.image, fake]))):
         rows = ExactEngine(gallery).search(queries, TOP_K).ids
-        out[label] = _quality(rows, true_rows, None)
+        out[label] = quality(rows, true_rows, None)
     return out
 
 
@@ -559,8 +515,8 @@ def plot_latency(result: dict[str, Any]) -> Any:
     for i, (method, rows) in enumerate(_by_method(result["rows"]).items()):
         n = [r["n"] for r in rows]
         color = f"C{i}"
-        ax.plot(n, [r["ms_single"] for r in rows], "o-", color=color, label=method)
-        ax.plot(n, [r["ms_batch"] for r in rows], "x--", color=color, alpha=0.6)
+        ax.plot(n, [r["ms_single_p50"] for r in rows], "o-", color=color, label=method)
+        ax.plot(n, [r["ms_batch_p50"] for r in rows], "x--", color=color, alpha=0.6)
     ax.set(xscale="log", yscale="log", xlabel="gallery size N", ylabel="ms per query",
            title=f"Search latency ({result['config']['threads']} threads; solid single, dashed batched)")
     ax.grid(True, which="both", alpha=0.3)
@@ -606,7 +562,7 @@ def format_rows(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         agree = r.get("agree10")
         lines.append(
-            f"{r['method']:<12} {r['n']:>9} {r['ms_single']:>10.3f} {r['ms_batch']:>9.3f} "
+            f"{r['method']:<12} {r['n']:>9} {r['ms_single_p50']:>10.3f} {r['ms_batch_p50']:>9.3f} "
             f"{r['bytes_per_item']:>9.1f} {r['r1']:>6.1f} {r['r10']:>6.1f} "
             + (f"{agree:>8.3f}" if agree is not None else f"{'-':>8}")
         )

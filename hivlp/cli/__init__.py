@@ -14,6 +14,10 @@ import sys
 from hivlp import __version__
 from hivlp.errors import HivlpError
 
+
+class BrokenCommandError(HivlpError):
+    """A sub-command module failed to import."""
+
 # Order is the order of the help text: the stages of the pipeline.
 COMMANDS = [
     "validate",
@@ -39,16 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"hivlp.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"hivlp.cli.{name}":
-                raise
-            continue  # command not built yet
+        except Exception as e:  # a command that cannot load is a broken install: say so, never hide it
+            raise BrokenCommandError(
+                f"hivlp: the '{name}' command cannot be loaded ({type(e).__name__}: {e}); the installation "
+                "is broken or incomplete: re-run `make setup` (or reinstall hivlp)"
+            ) from e
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except BrokenCommandError as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

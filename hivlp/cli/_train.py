@@ -18,7 +18,7 @@ def add_train_arguments(p: argparse.ArgumentParser, recipe: str) -> None:
 
 def run_training(args: argparse.Namespace, recipe: str, init: str | None) -> int:
     from hivlp.retrieval.evaluate import format_table
-    from hivlp.train.engine import run_recipe
+    from hivlp.train.trainer import run_recipe
 
     result = run_recipe(args.config, args.out, recipe, datasets=args.dataset, image_root=args.image_root,
                         overrides=args.overrides, init=init, resume=not args.no_resume)

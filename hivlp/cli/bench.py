@@ -94,7 +94,6 @@ def run_retrieval(args: argparse.Namespace) -> int:
         synthetic_embeddings,
         write_results,
     )
-    from hivlp.train.distributed import pick_device
 
     methods = METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     for name, value in (("--threads", args.threads), ("--repeats", args.repeats), ("--batch", args.batch),
@@ -109,7 +108,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
         emb = synthetic_embeddings()
     else:
         emb = encode_embeddings(
-            args.checkpoint, args.dataset, args.image_root, device=str(pick_device(args.device)),
+            args.checkpoint, args.dataset, args.image_root, device=args.device,
             batch_size=args.encode_batch_size, fit_train=not args.no_fit_train, cache_dir=args.cache_dir,
         )
     cfg = BenchConfig(

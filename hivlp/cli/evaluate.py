@@ -39,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
     from hivlp.errors import UsageError
     from hivlp.io import atomic_write_json
     from hivlp.retrieval.evaluate import evaluate_checkpoint, format_table
-    from hivlp.train.distributed import pick_device
 
     if args.shortlist < 1 or args.batch_size < 1 or args.coarse_dim < 1:
         raise UsageError("--shortlist, --batch-size and --coarse-dim must be >= 1")
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_checkpoint(
         args.checkpoint, args.dataset, split=args.split, image_root=args.image_root,
         shortlist=args.shortlist, coarse_dim=args.coarse_dim, batch_size=args.batch_size,
-        device=str(pick_device(args.device)), backend=args.backend, codes=args.codes, uri=args.uri, name=args.name,
+        device=args.device, backend=args.backend, codes=args.codes, uri=args.uri, name=args.name,
     )
     atomic_write_json(args.out, metrics)
     counts = metrics["counts"]

@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hivlp.export import export_embeddings, parse_shard, read_manifest
+    from hivlp.embeddings.export import export_embeddings
+    from hivlp.embeddings.format import parse_shard, read_manifest
 
     shard = parse_shard(args.shard)
     path = export_embeddings(

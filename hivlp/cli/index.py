@@ -6,7 +6,13 @@ import argparse
 import json
 
 # pymilvus loads inside the index's methods; this import costs numpy only.
-from hivlp.retrieval.milvus import DEFAULT_NAME, DEFAULT_URI, INDEX_TYPES, KINDS, quiet_backend_logs
+from hivlp.retrieval.milvus import (
+    DEFAULT_NAME,
+    DEFAULT_URI,
+    INDEX_TYPES,
+    KINDS,
+    quiet_backend_logs,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

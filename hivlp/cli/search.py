@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from hivlp.retrieval.milvus import DEFAULT_NAME, DEFAULT_URI, quiet_backend_logs
 
@@ -40,76 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_backend_logs()
     from hivlp.errors import UsageError
+    from hivlp.retrieval.milvus import MilvusDualIndex
+    from hivlp.retrieval.search import query_encoder, search
 
     if args.k < 1 or args.shortlist < 1:
         raise UsageError("--k and --shortlist must be >= 1")
-
-    from hivlp.retrieval.milvus import DimensionMismatchError, MilvusDualIndex
-
     with MilvusDualIndex(args.uri, args.name) as index:
-        info = index.info()  # fail fast (missing/incomplete index) before loading the model
-        kind = "image" if args.text is not None else "text"
-        query, source, weights_sha = _encode_query(args)
-        if query.shape[1] != info.dim:
-            raise DimensionMismatchError(
-                f"the model {source} makes {query.shape[1]}-d embeddings but index "
-                f"{args.name!r} at {args.uri} holds {info.dim}-d vectors; search with the model "
-                "the index was built from, or re-run `hivlp export` and `hivlp index` with this one"
-            )
-        if weights_sha and info.weights_sha256 not in ("arrays", weights_sha):
-            logging.getLogger("hivlp.search").warning(
-                "index %r was built from other weights (sha256 %s...) than %s; results may be meaningless",
-                args.name, info.weights_sha256[:12], source,
-            )
-        result = index.search(query, k=args.k, shortlist=args.shortlist, kind=kind)
-        ids, scores = result.ids[0], result.scores[0]
-        meta = index.describe(ids)
-    hits = [
-        {"rank": r + 1, "id": int(i), "score": float(s), **meta.get(int(i), {})}
-        for r, (i, s) in enumerate(zip(ids, scores)) if i >= 0
-    ]
+        index.info()  # fail fast (missing/incomplete index) before loading the model
+        encoder = query_encoder(None if args.model_uri else args.checkpoint, args.model_uri, args.device)
+        response = search(index, encoder, text=args.text, image=args.image, k=args.k, shortlist=args.shortlist)
     if args.json:
-        query_json = {"text": args.text, "image": args.image}
-        print(json.dumps({"query": query_json, "searched": kind, "hits": hits}, indent=2))
+        print(json.dumps(response.to_dict(), indent=2))
         return 0
-    for h in hits:
-        line = f"{h['rank']:>3}  {h['score']:.4f}  {h.get('filename') or h['id']}"
-        if kind == "text":
-            line += f"  {h.get('caption')}"
+    for h in response.hits:
+        line = f"{h.rank:>3}  {h.score:.4f}  {h.filename or h.id}"
+        if response.searched == "text":
+            line += f"  {h.caption}"
         print(line)
     return 0
-
-
-def _encode_query(args: argparse.Namespace):
-    """(query [1, D], where the model came from, its weights sha256 or None) from a checkpoint or MLflow."""
-    import numpy as np
-
-    if args.model_uri:
-        import pandas as pd
-
-        from hivlp.registry import connect
-
-        connect()
-        import mlflow
-
-        try:
-            model = mlflow.pyfunc.load_model(args.model_uri)
-        except mlflow.exceptions.MlflowException as e:
-            from hivlp.errors import UsageError
-
-            raise UsageError(f"--model-uri {args.model_uri}: cannot load it ({e})") from None
-        column = {"text": args.text} if args.text is not None else {"image_path": args.image}
-        query = np.asarray(model.predict(pd.DataFrame([column])), dtype=np.float32)
-        sha = (model.metadata.metadata or {}).get("hivlp_weights_sha256")
-        return query, args.model_uri, sha
-
-    from hivlp.export import checkpoint_sha256
-    from hivlp.model import load_checkpoint
-    from hivlp.model.encode import encode_images, encode_texts
-
-    model, _ = load_checkpoint(args.checkpoint, device=args.device)
-    if args.text is not None:
-        query = encode_texts(model, [args.text], device=args.device, progress=False)
-    else:
-        query = encode_images(model, [args.image], batch_size=1, device=args.device, num_workers=0, progress=False)
-    return query, args.checkpoint, checkpoint_sha256(args.checkpoint)

@@ -10,7 +10,12 @@ import re
 from pathlib import Path
 
 # Light imports only: pandas and great-expectations load inside validate_dataset.
-from hivlp.data.validate import DEFAULT_SPLITS, ValidationLimits, format_summary, validate_dataset
+from hivlp.data.validate import (
+    DEFAULT_SPLITS,
+    ValidationLimits,
+    format_summary,
+    validate_dataset,
+)
 from hivlp.io import atomic_write_json
 
 DEFAULT_REPORT_DIR = Path("outputs/validation")

@@ -10,8 +10,10 @@ The pairs table has one row per caption: imgid, sentid, filename, path, caption,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +24,8 @@ PAIR_COLUMNS = ["imgid", "sentid", "filename", "path", "caption", "split"]
 
 
 def read_json(json_path: str | Path) -> dict:
-    """Load the raw JSON, raising DatasetError (not a traceback) when unreadable or wrong-shaped."""
+    """Load a Karpathy-format JSON and check its schema (`check_schema`), raising DatasetError (not a
+    traceback) when it is unreadable or an entry lacks a field the reader relies on."""
     p = Path(json_path)
     if not p.is_file():
         raise DatasetError(f"{p}: dataset file not found; check the path to the Karpathy-format JSON")
@@ -36,7 +39,73 @@ def read_json(json_path: str | Path) -> dict:
         raise DatasetError(
             f"{p}: wrong schema: expected an object with an 'images' list (Karpathy retrieval format)"
         )
+    check_schema(data, p)
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema: the fields and types the reader relies on
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_IMAGE_FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("filename", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    ("imgid", _is_int, "an integer"),
+    ("split", lambda v: isinstance(v, str), "a string"),
+    ("sentences", lambda v: isinstance(v, list), "a list"),
+]
+_SENTENCE_FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("sentid", _is_int, "an integer"),
+    # A null caption is a data problem (reported as empty_caption), not a broken structure.
+    ("raw", lambda v: v is None or isinstance(v, str), "a string"),
+]
+
+
+def _field_error(where: str, key: str, value: Any, expected: str) -> DatasetError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return DatasetError(
+        f"{where}: field '{key}' must be {expected}, got {type(value).__name__} {shown}; "
+        "fix the entry or re-export the dataset in the Karpathy format"
+    )
+
+
+def check_schema(data: dict, json_path: str | Path) -> None:
+    """Raise DatasetError naming the file, entry index and field of the first malformed entry."""
+    for i, img in enumerate(data["images"]):
+        where = f"{json_path}: images[{i}]"
+        if not isinstance(img, dict):
+            raise DatasetError(f"{where}: expected an object, got {type(img).__name__}")
+        if isinstance(img.get("filename"), str):
+            where += f" ({img['filename']})"
+        for key, valid, expected in _IMAGE_FIELDS:
+            if key not in img:
+                raise DatasetError(
+                    f"{where}: missing field '{key}'; "
+                    "every image needs filename, imgid, split and sentences"
+                )
+            if not valid(img[key]):
+                raise _field_error(where, key, img[key], expected)
+        if "filepath" in img and not isinstance(img["filepath"], str):
+            raise _field_error(where, "filepath", img["filepath"], "a string")
+        for j, sent in enumerate(img["sentences"]):
+            swhere = f"{where} sentences[{j}]"
+            if not isinstance(sent, dict):
+                raise DatasetError(f"{swhere}: expected an object, got {type(sent).__name__}")
+            for key, valid, expected in _SENTENCE_FIELDS:
+                if key not in sent:
+                    raise DatasetError(
+                        f"{swhere}: missing field '{key}'; every sentence needs raw and sentid"
+                    )
+                if not valid(sent[key]):
+                    raise _field_error(swhere, key, sent[key], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
 
 
 def image_path(image_root: str | Path, entry: dict) -> Path:
@@ -45,28 +114,13 @@ def image_path(image_root: str | Path, entry: dict) -> Path:
 
 
 def pairs_from_json(data: dict, image_root: str | Path) -> pd.DataFrame:
-    """Flatten the parsed JSON into the pairs table. Raises DatasetError naming a malformed entry."""
+    """Flatten a parsed JSON (schema already checked by `read_json`) into the pairs table."""
     root = Path(image_root)
-    rows = []
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            raise DatasetError(f"images[{i}]: expected an object, got {type(img).__name__}")
-        for key in ("filename", "imgid", "split", "sentences"):
-            if key not in img:
-                raise DatasetError(
-                    f"images[{i}] ({img.get('filename', '?')}): missing field '{key}'; "
-                    "every image needs filename, imgid, split and sentences"
-                )
-        path = image_path(root, img)
-        sents = img["sentences"]
-        if not isinstance(sents, list):
-            raise DatasetError(f"images[{i}] ({img['filename']}): 'sentences' must be a list")
-        for j, s in enumerate(sents):
-            if not isinstance(s, dict) or "raw" not in s or "sentid" not in s:
-                raise DatasetError(
-                    f"images[{i}] ({img['filename']}) sentences[{j}]: needs 'raw' and 'sentid'"
-                )
-            rows.append((img["imgid"], s["sentid"], img["filename"], str(path), s["raw"], img["split"]))
+    rows = [
+        (img["imgid"], s["sentid"], img["filename"], str(image_path(root, img)), s["raw"], img["split"])
+        for img in data["images"]
+        for s in img["sentences"]
+    ]
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
@@ -78,10 +132,7 @@ def read_pairs(
     json_path: str | Path, image_root: str | Path | None = None, split: str | None = None
 ) -> pd.DataFrame:
     """The pairs table of a Karpathy JSON, optionally one split."""
-    from hivlp.data.validate import check_schema  # validate imports this module: import here
-
     data = read_json(json_path)
-    check_schema(data, json_path)
     pairs = pairs_from_json(data, image_root_for(json_path, image_root))
     if split is not None:
         pairs = pairs[pairs["split"] == split].reset_index(drop=True)

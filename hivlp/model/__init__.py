@@ -1,4 +1,4 @@
-"""The hierarchical dual encoder: towers, heads, named configs, checkpoints and batch encoding."""
+"""The hierarchical dual encoder: towers, heads, named presets, checkpoints and the one encoding path."""
 
 from hivlp.model.checkpoint import load_checkpoint, save_checkpoint
 from hivlp.model.dual_encoder import (
@@ -9,12 +9,19 @@ from hivlp.model.dual_encoder import (
     level_embedding,
     level_np,
 )
-from hivlp.model.encode import encode_images, encode_split, encode_texts
-from hivlp.model.registry import list_models, register_model_config, resolve_model_config
+from hivlp.model.encode import (
+    Encoder,
+    encode_images,
+    encode_split,
+    encode_texts,
+    load_encoder,
+)
+from hivlp.model.presets import list_models, register_model_config, resolve_model_config
 from hivlp.model.towers import ImageTower, TextTower
 
 __all__ = [
     "DualEncoder",
+    "Encoder",
     "HierarchicalHead",
     "ImageTower",
     "TextTower",
@@ -27,6 +34,7 @@ __all__ = [
     "level_np",
     "list_models",
     "load_checkpoint",
+    "load_encoder",
     "register_model_config",
     "resolve_model_config",
     "save_checkpoint",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hivlp.config import ModelConfig
-from hivlp.model.registry import resolve_model_config
+from hivlp.model.presets import resolve_model_config
 from hivlp.model.towers import ImageTower, TextTower, mirror_average
 
 
@@ -141,14 +141,14 @@ class DualEncoder(nn.Module):
 
 
 def create_model(cfg: ModelConfig) -> DualEncoder:
-    """Build the dual encoder a ModelConfig describes, registry defaults filled in, pretrained weights loaded."""
+    """Build the dual encoder a ModelConfig describes, preset defaults filled in, pretrained weights loaded."""
     return build_model(resolve_model_config(cfg))
 
 
 def build_model(
     resolved: ModelConfig, *, load_weights: bool = True, text_files: str | Path | None = None
 ) -> DualEncoder:
-    """Build from an already-resolved config, as saved in a checkpoint (no registry lookup).
+    """Build from an already-resolved config, as saved in a checkpoint (no preset lookup).
 
     `load_weights=False` leaves the towers randomly initialised (nothing read from the pretrained weight
     files) for callers that load a full state dict next; `text_files` points the text tower at a

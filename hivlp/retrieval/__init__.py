@@ -4,8 +4,17 @@ The Milvus dual-collection index, behind the same `SearchEngine` interface, is `
 (imported on demand: it needs pymilvus).
 """
 
-from hivlp.retrieval.engine import CoarseToFineEngine, ExactEngine, SearchEngine, SearchResult
-from hivlp.retrieval.evaluate import evaluate_checkpoint, evaluate_embeddings, format_table
+from hivlp.retrieval.evaluate import (
+    evaluate_checkpoint,
+    evaluate_embeddings,
+    format_table,
+)
+from hivlp.retrieval.inmemory import (
+    CoarseToFineEngine,
+    ExactEngine,
+    SearchEngine,
+    SearchResult,
+)
 from hivlp.retrieval.metrics import recall_from_embeddings, recall_metrics
 
 __all__ = [

@@ -15,8 +15,13 @@ import numpy as np
 
 from hivlp import DEFAULT_LEVELS
 from hivlp.errors import UsageError
-from hivlp.retrieval.engine import DEFAULT_COARSE_DIM, CoarseToFineEngine
-from hivlp.retrieval.metrics import RECALL_KEYS, check_text_to_image, ranks_from_embeddings, recall_from_ranks
+from hivlp.retrieval.inmemory import DEFAULT_COARSE_DIM, CoarseToFineEngine
+from hivlp.retrieval.metrics import (
+    RECALL_KEYS,
+    check_text_to_image,
+    ranks_from_embeddings,
+    recall_from_ranks,
+)
 
 # R@10 is the deepest recall reported, so coarse-to-fine searches return the top 10.
 TOP_K = 10
@@ -41,16 +46,17 @@ def coarse_to_fine_ranks(
     k = min(TOP_K, len(img))
     images = CoarseToFineEngine(img, coarse_dim=coarse_dim, codes=codes, shortlist=shortlist, funnel=funnel)
     hits = images.search(txt, k).ids == t2i[:, None]
-    img_ranks = _first_hit(hits)
+    img_ranks = first_hit(hits)
     k = min(TOP_K, len(txt))
     captions = CoarseToFineEngine(txt, coarse_dim=coarse_dim, codes=codes, shortlist=shortlist, funnel=funnel)
     hits = t2i[captions.search(img, k).ids] == np.arange(len(img))[:, None]
-    txt_ranks = _first_hit(hits)
+    txt_ranks = first_hit(hits)
     return txt_ranks, img_ranks
 
 
-def _first_hit(hits: np.ndarray) -> np.ndarray:
-    """Per row, the first column that is a hit, else TOP_K."""
+def first_hit(hits: np.ndarray) -> np.ndarray:
+    """Per row of a [queries, top-k] hit matrix, the 0-based rank of the first hit, else TOP_K (a rank
+    past every R@K reported): the ranks `recall_from_ranks` takes, from any engine's top-k ids."""
     return np.where(hits.any(axis=1), hits.argmax(axis=1), TOP_K)
 
 
@@ -100,6 +106,49 @@ def evaluate_embeddings(
     return out
 
 
+def evaluate_milvus(
+    img_emb: np.ndarray,
+    txt_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    uri: str | None = None,
+    name: str | None = None,
+    coarse_dim: int = 64,
+    shortlist: int = 100,
+    index: str = "HNSW",
+    token: str | None = None,
+) -> dict[str, float]:
+    """Karpathy R@1/5/10 both ways (percent, `hivlp.retrieval.metrics`) and r_mean, every search
+    going through Milvus (pymilvus is imported here); a positive outside the top 10 misses at every K.
+
+    Builds a temporary index `<name>_eval` (coarse + fine) from the arrays at `uri`, so an index
+    being served under `name` is left alone; the temporary collections are dropped afterwards.
+    Image ids are row indices, text ids `TEXT_ID_OFFSET + row` (as in exports).
+    """
+    from hivlp.embeddings.format import TEXT_ID_OFFSET
+    from hivlp.retrieval.milvus import DEFAULT_NAME, DEFAULT_URI, MilvusDualIndex
+
+    img = np.asarray(img_emb, dtype=np.float32)
+    txt = np.asarray(txt_emb, dtype=np.float32)
+    n_img, n_txt = len(img), len(txt)
+    t2i = check_text_to_image(text_to_image, n_img, n_txt)
+    ids = np.concatenate([np.arange(n_img), TEXT_ID_OFFSET + np.arange(n_txt)])
+    with MilvusDualIndex(uri or DEFAULT_URI, f"{name or DEFAULT_NAME}_eval", token=token) as idx:
+        try:
+            idx.build_from_arrays(
+                np.concatenate([img, txt]), ids, ["image"] * n_img + ["text"] * n_txt,
+                coarse_dim=coarse_dim, index=index, progress=False,
+            )
+            k = TOP_K
+            t2i_ids = idx.search(txt, k=k, shortlist=shortlist, kind="image").ids
+            i2t_ids = idx.search(img, k=k, shortlist=shortlist, kind="text").ids
+        finally:
+            idx.drop()
+    img_ranks = first_hit(t2i_ids == t2i[:, None])
+    owner = np.where(i2t_ids >= TEXT_ID_OFFSET, t2i[np.clip(i2t_ids - TEXT_ID_OFFSET, 0, n_txt - 1)], -1)
+    txt_ranks = first_hit(owner == np.arange(n_img)[:, None])
+    return recall_from_ranks(txt_ranks, img_ranks)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     dataset: str | Path,
@@ -108,7 +157,7 @@ def evaluate_checkpoint(
     shortlist: int = 100,
     coarse_dim: int | None = 64,
     batch_size: int = 64,
-    device: str = "cpu",
+    device: str = "auto",
     backend: str = "memory",
     codes: str = "fp32",
     uri: str | None = None,
@@ -123,27 +172,24 @@ def evaluate_checkpoint(
     if backend not in BACKENDS:
         raise UsageError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
     from hivlp.data.karpathy import load_split
-    from hivlp.model import load_checkpoint
-    from hivlp.model.encode import encode_images, encode_texts
+    from hivlp.model.encode import load_encoder
 
-    model, _ = load_checkpoint(checkpoint, device=device)
+    encoder = load_encoder(checkpoint, device=device)
     data = load_split(dataset, split, image_root)
     t = time.perf_counter()
-    img = encode_images(model, data.image_paths, batch_size=batch_size, device=device, progress=progress)
-    txt = encode_texts(model, data.captions, device=device, progress=progress)
+    img, txt = encoder.split(data, batch_size=batch_size, progress=progress)
     encode_s = time.perf_counter() - t
-    metrics = evaluate_embeddings(img, txt, data.text_to_image, model.levels, coarse_dim, shortlist, codes)
+    metrics = evaluate_embeddings(img, txt, data.text_to_image, encoder.levels, coarse_dim, shortlist, codes)
     metrics["timings"]["encode_s"] = encode_s
     if backend == "milvus":
-        from hivlp.retrieval import milvus
-
         t = time.perf_counter()
-        kwargs = {k: v for k, v in (("uri", uri), ("name", name)) if v is not None}
         cd = metrics["coarse_to_fine"]["coarse_dim"]
-        res = milvus.evaluate_milvus(img, txt, data.text_to_image, coarse_dim=cd, shortlist=shortlist, **kwargs)
+        res = evaluate_milvus(img, txt, data.text_to_image, uri, name, coarse_dim=cd, shortlist=shortlist)
         metrics["milvus_c2f"] = {**res, "shortlist": int(shortlist), "coarse_dim": int(cd)}
         metrics["timings"]["milvus_s"] = time.perf_counter() - t
-    metrics["source"] = {"checkpoint": str(checkpoint), "dataset": str(dataset), "split": split}
+    metrics["source"] = {
+        "checkpoint": str(checkpoint), "weights_sha256": encoder.weights_sha256, "dataset": str(dataset), "split": split,
+    }
     return metrics
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from hivlp.errors import HivlpError, UsageError
-from hivlp.retrieval.engine import ExactEngine, SearchEngine, SearchResult, l2_normalize
+from hivlp.retrieval.inmemory import SearchEngine, SearchResult, l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -303,12 +302,16 @@ class MilvusDualIndex(SearchEngine):
         max_rows: int | None = None,
         progress: bool = True,
     ) -> dict[str, Any]:
-        """Index an export folder (see hivlp.export); idempotent, resumes an interrupted build.
+        """Index an export folder (see hivlp.embeddings.format); idempotent, resumes an interrupted build.
 
         `max_rows` stops after upserting that many rows, leaving the index marked incomplete (it
         simulates a crash for tests). Returns a summary with counts and timings.
         """
-        from hivlp.export import batch_embeddings, iter_shard_batches, read_manifest
+        from hivlp.embeddings.format import (
+            batch_embeddings,
+            iter_shard_batches,
+            read_manifest,
+        )
 
         kinds = _check_kinds(kinds)
         manifest = read_manifest(embeddings_dir)
@@ -544,21 +547,10 @@ class MilvusDualIndex(SearchEngine):
         HNSW search breadth (default 8 * shortlist, see `_search_params`).
         """
         info = self.info()
-        if kind not in info.kinds:
-            raise UsageError(f"index {self.name!r} holds {list(info.kinds)} rows, not {kind!r}")
-        if k < 1:
-            raise UsageError(f"k must be >= 1, got {k}")
-        k = min(int(k), info.expected[kind])
-        q = np.asarray(queries, dtype=np.float32)
-        q = q[None, :] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != info.dim:
-            raise DimensionMismatchError(
-                f"query vectors are {q.shape[-1]}-d but index {self.name!r} at {self.uri} holds "
-                f"{info.dim}-d vectors; encode queries with the model the index was built from "
-                f"(weights sha256 {info.weights_sha256[:12]}) or re-run `hivlp export` and `hivlp index`"
-            )
+        q = self._check_queries(queries, kind, info)
+        k = self._check_k(k, kind, info)
         shortlist = max(int(shortlist), int(k))
-        cand = self._coarse_candidates(l2_normalize(q[:, : info.coarse_dim]), shortlist, kind, info, ef)
+        cand, _ = self._coarse_candidates(l2_normalize(q[:, : info.coarse_dim]), shortlist, kind, info, ef)
         full = l2_normalize(q)
         uniq = np.unique(np.concatenate(cand)) if cand else np.zeros(0, np.int64)
         vecs = self._fetch_vectors(uniq)
@@ -573,18 +565,55 @@ class MilvusDualIndex(SearchEngine):
             scores[i, : len(top)] = s[top]
         return SearchResult(ids=ids, scores=scores)
 
+    def _check_queries(self, queries: np.ndarray, kind: str, info: IndexInfo) -> np.ndarray:
+        if kind not in info.kinds:
+            raise UsageError(f"index {self.name!r} holds {list(info.kinds)} rows, not {kind!r}")
+        q = np.asarray(queries, dtype=np.float32)
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != info.dim:
+            raise DimensionMismatchError(
+                f"query vectors are {q.shape[-1]}-d but index {self.name!r} at {self.uri} holds "
+                f"{info.dim}-d vectors; encode queries with the model the index was built from "
+                f"(weights sha256 {info.weights_sha256[:12]}) or re-run `hivlp export` and `hivlp index`"
+            )
+        return q
+
+    @staticmethod
+    def _check_k(k: int, kind: str, info: IndexInfo) -> int:
+        if k < 1:
+            raise UsageError(f"k must be >= 1, got {k}")
+        return min(int(k), info.expected[kind])
+
+    def search_coarse(
+        self, queries: np.ndarray, k: int = 10, kind: str = "image", ef: int | None = None
+    ) -> SearchResult:
+        """The coarse level alone: ANN search of `<name>_coarse` (no re-rank). Scores are cosines of the
+        `coarse_dim` prefix; an index built with coarse_dim = dim is a single full-dim collection."""
+        info = self.info()
+        q = self._check_queries(queries, kind, info)
+        k = self._check_k(k, kind, info)
+        ids, scores = self._coarse_candidates(l2_normalize(q[:, : info.coarse_dim]), k, kind, info, ef)
+        out_ids = np.full((len(q), k), -1, dtype=np.int64)
+        out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        for i, (c, s) in enumerate(zip(ids, scores)):
+            out_ids[i, : len(c)] = c[:k]
+            out_scores[i, : len(c)] = s[:k]
+        return SearchResult(ids=out_ids, scores=out_scores)
+
     def _coarse_candidates(
         self, qc: np.ndarray, limit: int, kind: str, info: IndexInfo, ef: int | None
-    ) -> list[np.ndarray]:
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         params = _search_params(info.index_type, limit, sum(info.expected.values()), ef)
-        out = []
+        ids, scores = [], []
         for s in range(0, len(qc), _SEARCH_CHUNK):
             hits = self._client.search(
                 self.coarse, data=list(qc[s : s + _SEARCH_CHUNK]), limit=limit, anns_field=VECTOR,
                 partition_names=[kind], search_params=params, output_fields=["id"],
             )
-            out.extend(_hit_ids(row) for row in hits)
-        return out
+            for row in hits:
+                ids.append(_hit_ids(row))
+                scores.append(np.asarray(row.distances, dtype=np.float32))
+        return ids, scores
 
     def _fetch_vectors(self, ids: np.ndarray) -> np.ndarray:
         """Full vectors of `ids` (sorted, unique) from `<name>_fine`, in that order."""
@@ -642,171 +671,12 @@ def _nlist(n: int) -> int:
 def _search_params(index_type: str, limit: int, n: int, ef: int | None) -> dict[str, Any]:
     """Generous defaults: the coarse pass should return the exact prefix top-`limit` (nearly)
     always, since the re-rank cannot recover a candidate the shortlist missed. HNSW: ef = 8*limit
-    (on Flickr8k val captions, limit 100: ef 200 kept 96.9% of the exact shortlist's top 10, ef 800
-    99.97%, at the same Lite latency); IVF_FLAT: a quarter of the lists and at least 32 (FAISS caps
-    nprobe at the segment's nlist). An explicit `ef` wins (never below `limit`)."""
+    (its agreement with exact search is measured in bench/results/); IVF_FLAT: a quarter of the lists
+    and at least 32 (FAISS caps nprobe at the segment's nlist). An explicit `ef` wins (never below
+    `limit`)."""
     if index_type == "HNSW":
         ef = max(ef, limit) if ef is not None else min(max(8 * limit, 256), 32768)
         return {"metric_type": "IP", "params": {"ef": ef}}
     if index_type == "IVF_FLAT":
         return {"metric_type": "IP", "params": {"nprobe": max(32, _nlist(n) // 4)}}
     return {"metric_type": "IP", "params": {}}
-
-
-# -------------------------------------------------------------------- evaluation and benchmark
-
-
-def _first_hit(hit: np.ndarray, miss: int) -> np.ndarray:
-    """Per row, the first column where `hit` is true, else `miss` (a rank past the list)."""
-    return np.where(hit.any(axis=1), hit.argmax(axis=1), miss)
-
-
-def evaluate_milvus(
-    img_emb: np.ndarray,
-    txt_emb: np.ndarray,
-    text_to_image: np.ndarray,
-    uri: str = DEFAULT_URI,
-    name: str = DEFAULT_NAME,
-    coarse_dim: int = 64,
-    shortlist: int = 100,
-    index: str = "HNSW",
-    token: str | None = None,
-) -> dict[str, float]:
-    """Karpathy R@1/5/10 both ways (percent, `hivlp.retrieval.metrics`) and r_mean, every search
-    going through Milvus; a positive outside the top 10 counts as a miss at every K.
-
-    Builds a temporary index `<name>_eval` (coarse + fine) from the arrays at `uri`, so an index
-    being served under `name` is left alone; the temporary collections are dropped afterwards.
-    Image ids are row indices, text ids `TEXT_ID_OFFSET + row` (as in exports).
-    """
-    from hivlp.export import TEXT_ID_OFFSET
-    from hivlp.retrieval.metrics import check_text_to_image, recall_from_ranks
-
-    img = np.asarray(img_emb, dtype=np.float32)
-    txt = np.asarray(txt_emb, dtype=np.float32)
-    n_img, n_txt = len(img), len(txt)
-    t2i = check_text_to_image(text_to_image, n_img, n_txt)
-    ids = np.concatenate([np.arange(n_img), TEXT_ID_OFFSET + np.arange(n_txt)])
-    with MilvusDualIndex(uri, f"{name}_eval", token=token) as idx:
-        try:
-            idx.build_from_arrays(
-                np.concatenate([img, txt]), ids, ["image"] * n_img + ["text"] * n_txt,
-                coarse_dim=coarse_dim, index=index, progress=False,
-            )
-            k = 10
-            t2i_ids = idx.search(txt, k=k, shortlist=shortlist, kind="image").ids
-            i2t_ids = idx.search(img, k=k, shortlist=shortlist, kind="text").ids
-        finally:
-            idx.drop()
-    img_ranks = _first_hit(t2i_ids == t2i[:, None], k)
-    owner = np.where(i2t_ids >= TEXT_ID_OFFSET, t2i[np.clip(i2t_ids - TEXT_ID_OFFSET, 0, n_txt - 1)], -1)
-    txt_ranks = _first_hit(owner == np.arange(n_img)[:, None], k)
-    return recall_from_ranks(txt_ranks, img_ranks)
-
-
-def _timed_search(
-    fn: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, n_single: int
-) -> tuple[float, float, np.ndarray]:
-    """(ms per query one at a time over the first n_single queries, ms per query in one batch, ids)."""
-    fn(queries[:1])  # warm up: loads segments and indexes
-    t = time.perf_counter()
-    for q in queries[:n_single]:
-        fn(q[None, :])
-    ms_single = 1000 * (time.perf_counter() - t) / max(n_single, 1)
-    t = time.perf_counter()
-    ids = fn(queries)
-    ms_batch = 1000 * (time.perf_counter() - t) / len(queries)
-    return ms_single, ms_batch, ids
-
-
-def bench_rows(
-    gallery: np.ndarray,
-    gallery_ids: np.ndarray,
-    queries: np.ndarray,
-    true_ids: np.ndarray,
-    coarse_dim: int,
-    shortlist: int,
-    k: int,
-    workdir: str | Path,
-    n_single: int = 100,
-) -> list[dict[str, Any]]:
-    """Milvus Lite rows for the retrieval bench: one full-dim HNSW collection vs coarse-to-fine.
-
-    Both indexes live in a fresh `workdir/milvus_bench.db`. Rows carry method, n, ms_single (one
-    query per call, mean over up to `n_single` queries), ms_batch (all queries in one call, per
-    query), bytes_per_item (float32 vector bytes the ANN index scans per item: 4*D for
-    `milvus_full`, 4*coarse_dim for `milvus_c2f`, whose full vectors are only fetched for the
-    shortlist), r1/r10 (share of queries whose true id ranks first / in the top 10) and agree10
-    (mean overlap of the top 10 with exact full-dim numpy search). Times include gRPC transfer.
-    """
-    gallery = np.asarray(gallery, dtype=np.float32)
-    gallery_ids = np.asarray(gallery_ids, dtype=np.int64)
-    queries = np.asarray(queries, dtype=np.float32)
-    true_ids = np.asarray(true_ids, dtype=np.int64)
-    n, dim = gallery.shape
-    kk = max(k, 10)
-    exact = ExactEngine(gallery, gallery_ids).search(queries, 10).ids
-
-    db = Path(workdir) / "milvus_bench.db"
-    if db.exists():
-        shutil.rmtree(db)
-    rows = []
-    with MilvusDualIndex(str(db), "bench_c2f") as c2f:
-        client = c2f._client
-        t = time.perf_counter()
-        _build_full_collection(client, "bench_full", l2_normalize(gallery), gallery_ids)
-        full_build = time.perf_counter() - t
-        params = _search_params("HNSW", kk, n, None)
-
-        def full_search(q: np.ndarray) -> np.ndarray:
-            out = []
-            for s in range(0, len(q), _SEARCH_CHUNK):
-                hits = client.search("bench_full", data=list(l2_normalize(q[s : s + _SEARCH_CHUNK])),
-                                     limit=kk, anns_field=VECTOR, search_params=params, output_fields=["id"])
-                out.extend(_hit_ids(row) for row in hits)
-            return np.array(out, dtype=np.int64)
-
-        t = time.perf_counter()
-        c2f.build_from_arrays(
-            gallery, gallery_ids, ["image"] * n, coarse_dim=coarse_dim, index="HNSW", progress=False
-        )
-        c2f_build = time.perf_counter() - t
-
-        def c2f_search(q: np.ndarray) -> np.ndarray:
-            return c2f.search(q, k=kk, shortlist=shortlist, kind="image").ids
-
-        for method, fn, bpi, build_s in (
-            ("milvus_full", full_search, 4 * dim, full_build),
-            ("milvus_c2f", c2f_search, 4 * coarse_dim, c2f_build),
-        ):
-            ms_single, ms_batch, ids = _timed_search(fn, queries, min(n_single, len(queries)))
-            rows.append({
-                "method": method, "n": n, "ms_single": ms_single, "ms_batch": ms_batch,
-                "bytes_per_item": bpi,
-                "r1": 100.0 * float(np.mean(ids[:, 0] == true_ids)),
-                "r10": 100.0 * float(np.mean((ids[:, :10] == true_ids[:, None]).any(axis=1))),
-                "agree10": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids[:, :10], exact)])),
-                "build_s": build_s,
-            })
-    return rows
-
-
-def _build_full_collection(client: Any, name: str, vectors: np.ndarray, ids: np.ndarray, batch: int = 2000) -> None:
-    """One collection of full-dim unit vectors under HNSW: the single-stage baseline of the bench."""
-    from pymilvus import DataType, MilvusClient
-
-    if client.has_collection(name):
-        client.drop_collection(name)
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=vectors.shape[1])
-    client.create_collection(name, schema=schema, consistency_level="Strong")
-    for s in range(0, len(ids), batch):
-        client.insert(name, [{"id": int(i), VECTOR: v} for i, v in zip(ids[s : s + batch], vectors[s : s + batch])])
-    client.flush(name)
-    ip = client.prepare_index_params()
-    itype, params = _index_params("HNSW", len(ids))
-    ip.add_index(field_name=VECTOR, index_type=itype, metric_type="IP", params=params)
-    with _quiet_milvus_logs():
-        client.create_index(name, ip)
-    client.load_collection(name)

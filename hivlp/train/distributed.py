@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hivlp.device import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -23,12 +25,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
@@ -57,10 +53,38 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def broadcast_object(info: DistInfo, obj: object) -> object:
-    """Rank 0's value of `obj` on every rank."""
+def split_sizes(n: int, world_size: int) -> list[int]:
+    """Rows of an n-row global batch per rank: contiguous slices whose sizes differ by at most one."""
+    return [n // world_size + (r < n % world_size) for r in range(world_size)]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order; the backward returns this rank's rows' gradient.
+
+    Every rank computes the same loss over the gathered batch, so the gradient of the whole objective
+    with respect to a row is the sum over ranks of that same gradient: world_size times the local one.
+    DDP then averages parameter gradients over ranks, which gives exactly the single-process gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+        ctx.sizes, ctx.rank, ctx.rows = sizes, rank, x.shape[0]
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: sizes[rank]] = x[: sizes[rank]]
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start, n = sum(ctx.sizes[: ctx.rank]), ctx.sizes[ctx.rank]
+        out = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        out[:n] = grad[start : start + n] * len(ctx.sizes)
+        return out, None, None
+
+
+def gather_rows(x: torch.Tensor, info: DistInfo, sizes: list[int]) -> torch.Tensor:
+    """The global batch's rows from every rank's `x` (its first sizes[rank] rows), differentiable."""
     if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return x
+    return _GatherRows.apply(x, tuple(sizes), info.rank)

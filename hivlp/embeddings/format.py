@@ -1,6 +1,7 @@
-"""Export image and text embeddings of one split to Parquet shards, with a manifest.
+"""The embedding export format: ids, shard names, manifest, writers and readers.
 
-Layout of an export folder:
+`hivlp.embeddings.export` writes it (encoding a split with a checkpoint); the Milvus backend and the
+in-memory search read it. Layout of an export folder:
 
     shard-00000-of-00004.parquet   rows of shard 0 (images of the shard, then their captions)
     shard-00000-of-00004.json      manifest part of shard 0: file, rows, sha256, counts, source
@@ -78,26 +79,6 @@ def shard_range(n_items: int, shard: tuple[int, int]) -> tuple[int, int]:
     return n_items * i // n, n_items * (i + 1) // n
 
 
-def checkpoint_sha256(checkpoint: str | Path) -> str:
-    """The weights hash of a checkpoint folder: meta.json's weights_sha256, else hash the weights."""
-    ckpt = Path(checkpoint)
-    meta = ckpt / "meta.json"
-    if meta.is_file():
-        try:
-            sha = json.loads(meta.read_text()).get("weights_sha256")
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{meta}: not valid JSON ({e}); re-save the checkpoint") from None
-        if sha:
-            return str(sha)
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise UsageError(
-            f"{ckpt}: not a checkpoint folder (no model.safetensors); "
-            "pass --checkpoint pointing at the output of `hivlp pretrain` / `hivlp finetune`"
-        )
-    return sha256_file(weights)
-
-
 @dataclass
 class ShardRows:
     """The items of one shard, in row order: images first, then captions."""
@@ -109,28 +90,6 @@ class ShardRows:
     captions: list[str]
     caption_imgids: list[int]
     caption_filenames: list[str]
-
-
-def shard_rows(
-    dataset_json: str | Path, split: str, shard: tuple[int, int], image_root: str | Path | None = None
-) -> ShardRows:
-    """The images of shard (i, n) of a split and all captions of those images."""
-    from hivlp.data.karpathy import load_split
-
-    check_shard(shard)
-    sp = load_split(dataset_json, split, image_root)
-    start, stop = shard_range(sp.n_images, shard)
-    keep = (sp.text_to_image >= start) & (sp.text_to_image < stop)
-    t2i = sp.text_to_image[keep]
-    return ShardRows(
-        imgids=sp.imgids[start:stop],
-        filenames=sp.filenames[start:stop],
-        image_paths=sp.image_paths[start:stop],
-        sentids=[s for s, k in zip(sp.sentids, keep) if k],
-        captions=[c for c, k in zip(sp.captions, keep) if k],
-        caption_imgids=[sp.imgids[j] for j in t2i],
-        caption_filenames=[sp.filenames[j] for j in t2i],
-    )
 
 
 def embeddings_table(rows: ShardRows, image_emb: np.ndarray, text_emb: np.ndarray) -> Any:
@@ -179,7 +138,7 @@ def write_shard(
     check_shard(shard)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_compatible(out, shard, source)
+    check_compatible(out, shard, source)
     name = shard_name(*shard)
     final = out / f"{name}.parquet"
     tmp = out / f".{name}.parquet.tmp"
@@ -222,7 +181,7 @@ def _read_parts(out_dir: Path) -> list[dict]:
     return parts
 
 
-def _check_compatible(out_dir: Path, shard: tuple[int, int], source: dict) -> None:
+def check_compatible(out_dir: Path, shard: tuple[int, int], source: dict) -> None:
     """Refuse to mix shards of different exports (other model, dataset or shard count) in one folder."""
     for part in _read_parts(out_dir):
         if part["shard"] == shard[0] and part["num_shards"] == shard[1]:
@@ -296,7 +255,7 @@ def _rewrite_manifest(out_dir: Path) -> None:
         atomic_write_json(out_dir / MANIFEST, read_manifest(out_dir))
 
 
-def _shard_done(out_dir: Path, shard: tuple[int, int], source: dict) -> Path | None:
+def shard_done(out_dir: Path, shard: tuple[int, int], source: dict) -> Path | None:
     """The shard's Parquet path if it was already exported from the same source and is intact."""
     name = shard_name(*shard)
     part_path = out_dir / f"{name}.json"
@@ -313,60 +272,6 @@ def _shard_done(out_dir: Path, shard: tuple[int, int], source: dict) -> Path | N
         log.warning("%s: checksum differs from its manifest part; exporting the shard again", parquet)
         return None
     return parquet
-
-
-def export_embeddings(
-    checkpoint: str | Path,
-    dataset_json: str | Path,
-    split: str,
-    out_dir: str | Path,
-    image_root: str | Path | None = None,
-    shard: tuple[int, int] = (0, 1),
-    batch_size: int = 64,
-    device: str = "auto",
-    progress: bool = True,
-) -> Path:
-    """Embed shard `shard` of a split's images and captions; return the shard's Parquet path.
-
-    Re-running a finished shard (same checkpoint weights, dataset file and split; file checksum
-    intact) returns at once without loading the model. `batch_size` is the image batch; captions
-    use the text encoder's default batch. `device` "auto" picks CUDA when available.
-    """
-    check_shard(shard)
-    out = Path(out_dir)
-    ckpt = Path(checkpoint)
-    weights_sha = checkpoint_sha256(ckpt)
-    dataset = Path(dataset_json)
-    if not dataset.is_file():
-        raise UsageError(f"{dataset}: dataset file not found (pass --dataset PATH to a Karpathy-format JSON)")
-    source = {
-        "checkpoint": str(ckpt.resolve()),
-        "weights_sha256": weights_sha,
-        "dataset": str(dataset.resolve()),
-        "dataset_sha256": sha256_file(dataset),
-        "split": split,
-    }
-    if out.is_dir():
-        done = _shard_done(out, shard, source)
-        if done is not None:
-            log.info("%s is already exported from this checkpoint; nothing to do", done)
-            return done
-        _check_compatible(out, shard, source)
-    from hivlp.model import load_checkpoint
-    from hivlp.model.encode import encode_images, encode_texts
-    from hivlp.train.distributed import pick_device
-
-    rows = shard_rows(dataset, split, shard, image_root)
-    device = str(pick_device(device))
-    model, _ = load_checkpoint(ckpt, device=device)
-    log.info(
-        "exporting shard %d/%d of %s/%s: %d images, %d captions",
-        *shard, dataset.name, split, len(rows.imgids), len(rows.captions),
-    )
-    img = encode_images(model, rows.image_paths, batch_size=batch_size, device=device, progress=progress)
-    txt = encode_texts(model, rows.captions, device=device, progress=progress)
-    table = embeddings_table(rows, np.asarray(img), np.asarray(txt))
-    return write_shard(out, shard, table, source, levels=model.levels)
 
 
 def iter_shard_batches(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -32,7 +31,8 @@ from hivlp.data.karpathy import RetrievalSplit, load_split, read_pairs, retrieva
 from hivlp.errors import ConfigError
 from hivlp.io import atomic_write_json
 from hivlp.losses import HierarchicalContrastiveLoss
-from hivlp.model import create_model, load_checkpoint, save_checkpoint
+from hivlp.model import create_model
+from hivlp.model.checkpoint import CHECKPOINT_FILES, load_checkpoint, publish_checkpoint
 from hivlp.retrieval.evaluate import evaluate_embeddings, format_table
 from hivlp.tracking import RunTracker
 from hivlp.train import distributed as D
@@ -136,7 +136,7 @@ def _optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Validation metrics of the val split during training
 
 
 @torch.no_grad()
@@ -150,7 +150,7 @@ def _embed_from_cache(model, img_feats: torch.Tensor, txt: TextFeatures, device,
     return torch.cat(img).numpy(), torch.cat(tx).numpy()
 
 
-def validate(model, cfg: RunConfig, val: RetrievalSplit, cache, device) -> dict:
+def val_metrics(model, cfg: RunConfig, val: RetrievalSplit, cache, device) -> dict:
     """Per-level val metrics (the model's own levels + coarse-to-fine)."""
     if cache is not None:
         img, txt = _embed_from_cache(model, cache[0], cache[1], device, cfg.train.eval_batch_size)
@@ -158,7 +158,7 @@ def validate(model, cfg: RunConfig, val: RetrievalSplit, cache, device) -> dict:
         from hivlp.model.encode import encode_split
 
         model.eval()
-        img, txt = encode_split(model, val, device=device)
+        img, txt = encode_split(model, val, cfg.data.max_text_tokens, device=device)
     return evaluate_embeddings(
         img, txt, val.text_to_image, model.levels,
         coarse_dim=cfg.train.eval_coarse_dim, shortlist=cfg.train.eval_shortlist,
@@ -189,26 +189,6 @@ class TrainResult:
     seconds: float
     run_id: str | None
     step_losses: list[float]  # total loss at every optimizer step of this process (rank 0's view)
-
-
-def _publish_checkpoint(model, cfg: RunConfig, out_dir: Path, metrics: dict, provenance: dict) -> None:
-    """Write the best checkpoint into out_dir beside the resume state.
-
-    It is staged whole first; meta.json (which holds the weights' sha256 and marks a complete
-    checkpoint) is removed before the swap and written last, so an interrupted swap leaves a folder
-    that `load_checkpoint` refuses rather than a mix of two checkpoints.
-    """
-    staging = out_dir / ".checkpoint.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(model, cfg, staging, metrics=metrics, extra_meta=provenance)
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    names = sorted(p.name for p in staging.iterdir() if p.name != "meta.json") + ["meta.json"]
-    for name in names:
-        dst = out_dir / name
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        os.replace(staging / name, dst)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_recipe(
@@ -293,8 +273,8 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
 
     t = cfg.train
     n_pairs = len(epoch_order(train_data, t.epoch_unit, t.seed, 0))
-    # Each rank takes its slice of every global batch; the global batch is t.batch_size.
-    local_bs = max(1, t.batch_size // info.world_size)
+    # Each rank embeds its slice of every global batch of t.batch_size pairs; the loss is taken over the
+    # whole global batch (see _micro_step), so N processes train the objective of one.
     batches_per_epoch = math.ceil(n_pairs / t.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
@@ -324,10 +304,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
                 bar = tqdm(loader, total=batches_per_epoch, initial=pos.batch, desc=f"{cfg.recipe} epoch {pos.epoch + 1}/{t.epochs}",
                            unit="batch", disable=not info.is_main)
                 for b_idx, global_batch in bar:
-                    mine = global_batch[info.rank * local_bs : (info.rank + 1) * local_bs]
-                    if len(mine) == 0:
-                        mine = global_batch[:1]
-                    losses = _micro_step(step_module, model, loss_fn, mine, train_data, train_cache,
+                    losses = _micro_step(step_module, model, loss_fn, global_batch, info, train_data, train_cache,
                                          train_transform, cfg.data.max_text_tokens, device, amp, t.grad_accum,
                                          views)
                     pos.batch = b_idx + 1
@@ -370,8 +347,8 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         D.barrier(info)
         if info.is_main and pos.best_epoch < 0:
             # Stopped before any epoch ended (max_steps): still publish what there is, validated.
-            metrics = validate(model, cfg, val_data, val_cache, device)
-            _publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
+            metrics = val_metrics(model, cfg, val_data, val_cache, device)
+            publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
             pos.best_metric = metrics["full"]["r_mean"]
         if info.is_main and cfg.tracking.log_checkpoint:
             _log_checkpoint(tracker, out_dir)
@@ -388,9 +365,12 @@ def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position) -> dict:
 
 
 def _log_checkpoint(tracker: RunTracker, out_dir: Path) -> None:
-    for name in ("config.yaml", "model.safetensors", "meta.json", "history.json"):
-        if (out_dir / name).is_file():
-            tracker.log_artifact(out_dir / name, "checkpoint")
+    for name in (*CHECKPOINT_FILES, "history.json"):
+        path = out_dir / name
+        if path.is_dir():
+            tracker.log_artifacts(path, f"checkpoint/{name}")
+        elif path.is_file():
+            tracker.log_artifact(path, "checkpoint")
 
 
 def _build_caches(model, cfg: RunConfig, train_data, val_data, device):
@@ -424,32 +404,43 @@ def _batches(order: np.ndarray, batch_size: int, start: int):
         yield b, order[b * batch_size : (b + 1) * batch_size]
 
 
-def _micro_step(step_module, model, loss_fn, caption_idx, data, cache, transform, max_tokens, device, amp,
+def _micro_step(step_module, model, loss_fn, global_batch, info, data, cache, transform, max_tokens, device, amp,
                 accum, views: np.ndarray | None = None) -> dict:
-    """Forward + backward of one micro-batch: from cached trunk outputs (`views`: the augmented view
-    of each caption's image), or (no cache) from images decoded and augmented with `transform` and
-    captions tokenised to `max_tokens`."""
-    image_idx = data.text_to_image[caption_idx]
+    """Forward + backward of one micro-batch of caption indices `global_batch`.
+
+    Each rank embeds its contiguous slice (sizes differ by at most one); the embeddings of all ranks are
+    gathered (gradients flowing back to each rank's own rows) and the loss is taken over the whole global
+    batch, so every caption meets every other as a negative, as in a single process. Inputs come from
+    the cached trunk outputs (`views`: the augmented view of each caption's image), or (no cache) from
+    images decoded and augmented with `transform` and captions tokenised to `max_tokens`."""
+    sizes = D.split_sizes(len(global_batch), info.world_size)
+    start = sum(sizes[: info.rank])
+    mine = global_batch[start : start + sizes[info.rank]]
+    if len(mine) == 0:  # fewer captions than ranks: embed a stand-in row that the gather drops
+        mine = global_batch[:1]
+    image_idx = data.text_to_image[mine]
     use_cache = cache is not None
     if use_cache:
         (img_feats, txt) = cache
         if views is None:
             img_in = img_feats[torch.as_tensor(image_idx)].float().to(device)
         else:
-            img_in = img_feats[torch.as_tensor(views[caption_idx]), torch.as_tensor(image_idx)].float().to(device)
-        cap = torch.as_tensor(caption_idx)
+            img_in = img_feats[torch.as_tensor(views[mine]), torch.as_tensor(image_idx)].float().to(device)
+        cap = torch.as_tensor(mine)
         text_in = txt.features[cap].float().to(device)
         mask = txt.mask[cap].long().to(device)
     else:
         from hivlp.data.images import load_image
 
         img_in = torch.stack([transform(load_image(data.image_paths[i])) for i in image_idx]).to(device)
-        tok = model.text_tower.tokenize([data.captions[i] for i in caption_idx], max_tokens=max_tokens)
+        tok = model.text_tower.tokenize([data.captions[i] for i in mine], max_tokens=max_tokens)
         text_in, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
         img_emb, txt_emb = step_module(img_in, text_in, mask, use_cache)
-        total, parts = loss_fn(img_emb.float(), txt_emb.float(), model.logit_scale,
-                               torch.as_tensor(image_idx, device=device))
+        img_emb = D.gather_rows(img_emb.float(), info, sizes)
+        txt_emb = D.gather_rows(txt_emb.float(), info, sizes)
+        total, parts = loss_fn(img_emb, txt_emb, model.logit_scale,
+                               torch.as_tensor(data.text_to_image[global_batch], device=device))
     (total / accum).backward()
     return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
 
@@ -463,7 +454,7 @@ def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, 
     if not info.is_main:
         D.barrier(info)
         return
-    metrics = validate(model, cfg, val_data, val_cache, device)
+    metrics = val_metrics(model, cfg, val_data, val_cache, device)
     r_mean = metrics["full"]["r_mean"]
     flat = _flat_val_metrics(metrics)
     tracker.log_metrics(flat, step=pos.step)
@@ -472,7 +463,7 @@ def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, 
     improved = r_mean > pos.best_metric
     if improved:
         pos.best_metric, pos.best_epoch = r_mean, pos.epoch + 1
-        _publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
+        publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
     atomic_write_json(out_dir / "history.json", history)
     log.info("epoch %d val (%s):\n%s", pos.epoch + 1, "new best" if improved else f"best {pos.best_metric:.2f}",
              format_table(metrics))

@@ -7,8 +7,10 @@ Export and index run only for a model that took the champion alias, so the Milvu
 always hold the embeddings of the model that `models:/<name>@champion` serves (indexing a model
 that lost the gate would overwrite the served index with a worse one).
 
-    python pipelines/hivlp.py                      # compile (what `make pipeline` runs)
-    python pipelines/hivlp.py schedule --host URL  # nightly recurring run, see pipelines/README.md
+    python -m pipelines.hivlp_pipeline                      # compile (what `make pipeline` runs)
+    python -m pipelines.hivlp_pipeline schedule --host URL  # nightly recurring run, see pipelines/README.md
+
+(run from the repository root, which holds the `components` package).
 
 Compile-time environment: HIVLP_IMAGE (components' base image), HIVLP_TRAIN_ACCELERATOR (e.g.
 `nvidia.com/gpu`: one accelerator for pretrain and finetune; unset: CPU only).
@@ -20,14 +22,9 @@ import sys
 from pathlib import Path
 from typing import List
 
-REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    # Run as a script, this folder would be sys.path[0] and this file would shadow the `hivlp` package.
-    sys.path[0] = str(REPO)
+from kfp import compiler, dsl
 
-from kfp import compiler, dsl  # noqa: E402
-
-from components import (  # noqa: E402
+from components import (
     evaluate,
     export_shard,
     finetune,
@@ -38,6 +35,7 @@ from components import (  # noqa: E402
     validate,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 PIPELINE_YAML = REPO / "pipelines" / "hivlp.yaml"
 TRAIN_ACCELERATOR = os.environ.get("HIVLP_TRAIN_ACCELERATOR", "")
 NIGHTLY = "0 0 3 * * *"  # KFP cron: seconds first; 03:00 every day

