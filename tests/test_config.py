@@ -77,3 +77,14 @@ def test_extends_merges_over_the_parent(tmp_path, flickr8k_json):
     child.write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml not found \(extended by"):
         load_config(child)
+
+
+def test_credentials_in_uris_are_masked():
+    from hivlp.redact import redact, strip_credentials
+
+    text = "cannot reach http://alice:s3cret@mlflow:5000/api and grpc://tok3n@milvus:19530 (or https://x/y)"
+    out = redact(text)
+    assert "s3cret" not in out and "tok3n" not in out
+    assert "http://alice:***@mlflow:5000/api" in out and "grpc://***@milvus:19530" in out and "https://x/y" in out
+    assert strip_credentials("http://alice:s3cret@mlflow:5000/x") == "http://mlflow:5000/x"
+    assert strip_credentials("sqlite:///outputs/mlflow.db") == "sqlite:///outputs/mlflow.db"

@@ -13,6 +13,7 @@ import sys
 
 from hivlp import __version__
 from hivlp.errors import HivlpError
+from hivlp.redact import install_log_redaction, redact
 
 
 class BrokenCommandError(HivlpError):
@@ -63,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_redaction()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
     except HivlpError as e:
-        print(f"hivlp {args.command}: error: {e}", file=sys.stderr)
+        print(redact(f"hivlp {args.command}: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"hivlp {args.command}: interrupted", file=sys.stderr)
