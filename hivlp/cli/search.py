@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from hivlp.retrieval.milvus import DEFAULT_NAME, DEFAULT_URI, quiet_backend_logs
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(response.to_dict(), indent=2))
         return 0
+    for note in response.notes:
+        print(f"note: {note}", file=sys.stderr)
     for h in response.hits:
         line = f"{h.rank:>3}  {h.score:.4f}  {h.filename or h.id}"
         if response.searched == "text":

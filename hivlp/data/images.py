@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from hivlp.errors import DatasetError
 
@@ -22,6 +23,10 @@ def load_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DatasetError(
             f"{path}: image file not found (check data.image_root or the dataset JSON's filepath)"
+        ) from None
+    except DecompressionBombError as e:  # Pillow's guard against images that decode to gigapixels
+        raise DatasetError(
+            f"{path}: refused, the image is too large to decode safely ({e}); replace it with a smaller image"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DatasetError(

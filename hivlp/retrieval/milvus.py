@@ -46,6 +46,7 @@ INDEX_TYPES = ("HNSW", "IVF_FLAT", "FLAT")
 VECTOR = "vector"
 META_FIELDS = ["kind", "imgid", "sentid", "filename", "caption"]
 CONNECT_TIMEOUT_S = 10.0
+MAX_TOPK = 16384  # Milvus's own limit on a search's top-k (limit) and on a shortlist
 _GET_CHUNK = 1000  # ids per `get` call: keeps the `id in [...]` expression small
 _SEARCH_CHUNK = 256  # queries per `search` call: results stay far below gRPC's 256 MB message cap
 

@@ -20,6 +20,9 @@ from hivlp.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+# A caption query longer than this is cut (the text tower reads only its first few dozen tokens).
+MAX_QUERY_CHARS = 1000
+
 
 class QueryEncoder(Protocol):
     """What search needs from a model: full-dim embeddings of captions and of image files."""
@@ -108,10 +111,43 @@ class SearchResponse:
     searched: str  # the kind of item searched: "image" for a text query, "text" for an image query
     hits: list[Hit]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was changed about the request, and why
 
     def to_dict(self) -> dict[str, Any]:
         return {"query": self.query, "searched": self.searched, "hits": [asdict(h) for h in self.hits],
-                "timings_ms": self.timings_ms}
+                "timings_ms": self.timings_ms, "notes": self.notes}
+
+
+def check_text_query(text: str) -> tuple[str, list[str]]:
+    """(the caption to encode, notes): an empty caption is refused, an overlong one is cut."""
+    text = text.strip()
+    if not text:
+        raise UsageError("the query text is empty; give a caption to search for, e.g. 'a dog runs on the grass'")
+    if len(text) > MAX_QUERY_CHARS:
+        return text[:MAX_QUERY_CHARS], [
+            f"query text truncated from {len(text)} to {MAX_QUERY_CHARS} characters "
+            "(the text tower reads only the first few dozen tokens anyway)"
+        ]
+    return text, []
+
+
+def cap_request(k: int, shortlist: int, rows: int) -> tuple[int, int, list[str]]:
+    """(k, shortlist, notes): both at least 1, k at most the rows searched, the shortlist at least k and
+    at most the rows and Milvus's own top-k limit, so no request allocates past what exists."""
+    from hivlp.retrieval.milvus import MAX_TOPK
+
+    if k < 1 or shortlist < 1:
+        raise UsageError(f"k and shortlist must be >= 1, got k={k}, shortlist={shortlist}")
+    notes = []
+    if k > rows:
+        notes.append(f"k capped at {rows}, the number of items searched (asked for {k})")
+        k = rows
+    top = min(rows, MAX_TOPK)
+    if shortlist > top:
+        notes.append(f"shortlist capped at {top} ({'the number of items searched' if top == rows else 'Milvus top-k limit'}; "
+                     f"asked for {shortlist})")
+        shortlist = top
+    return k, max(shortlist, k), notes
 
 
 def check_query_matches_index(query_dim: int, index_dim: int, source: str, where: str) -> None:
@@ -135,11 +171,14 @@ def search(
     """Encode one query (a caption or an image file) and search a Milvus dual-collection index."""
     if (text is None) == (image is None):
         raise UsageError("give exactly one query: a caption (text) or an image file")
-    if k < 1 or shortlist < 1:
-        raise UsageError(f"k and shortlist must be >= 1, got k={k}, shortlist={shortlist}")
+    notes: list[str] = []
+    if text is not None:
+        text, notes = check_text_query(text)
     t0 = time.perf_counter()
     info = index.info()  # fails fast (missing or incomplete index) before encoding
     kind = "image" if text is not None else "text"
+    k, shortlist, capped = cap_request(k, shortlist, info.expected[kind])
+    notes += capped
     query = encoder.texts([text]) if text is not None else encoder.images([str(image)])
     t_encoded = time.perf_counter()
     check_query_matches_index(query.shape[1], info.dim, encoder.source, f"index {info.name!r} at {info.uri}")
@@ -161,5 +200,5 @@ def search(
                "total": t_done - t0}
     return SearchResponse(
         query={"text": text, "image": None if image is None else str(image)}, searched=kind, hits=hits,
-        timings_ms={key: round(1000 * v, 3) for key, v in timings.items()},
+        timings_ms={key: round(1000 * v, 3) for key, v in timings.items()}, notes=notes,
     )
