@@ -7,17 +7,14 @@ the time each stage took. Text queries search images, image queries search capti
 
 Two levels answer a query: "fine" (coarse-to-fine: a shortlist from the coarse prefix, re-ranked with
 the full vectors) and "coarse" (the coarse prefix alone), so a person can see what the re-rank changes.
-Encoders are shared by a server's threads: each encodes one request at a time (Hugging Face's fast
-tokenizers fail when two threads use one at once).
+Encoders are shared by a server's threads (the text tower tokenises one call at a time; the forward
+passes run concurrently).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,25 +42,6 @@ class QueryEncoder(Protocol):
     def images(self, paths: list[str]) -> np.ndarray: ...
 
 
-class _OneAtATime:
-    """Serialises an encoder's calls across threads and remembers, per thread, how long its last call
-    waited for the others (a server reports that wait apart from the encoding itself)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        t = time.perf_counter()
-        with self._lock:
-            self._local.wait_ms = 1000 * (time.perf_counter() - t)
-            yield
-
-    def last_wait_ms(self) -> float:
-        return getattr(self._local, "wait_ms", 0.0)
-
-
 @dataclass
 class CheckpointQueryEncoder:
     """Queries encoded by a checkpoint folder (the one path: `hivlp.model.encode.load_encoder`)."""
@@ -75,19 +53,15 @@ class CheckpointQueryEncoder:
         from hivlp.model.encode import load_encoder
 
         self._encoder = load_encoder(self.checkpoint, device=self.device)
-        self._turns = _OneAtATime()
-        self.last_wait_ms = self._turns.last_wait_ms
         self.source = str(self.checkpoint)
         self.weights_sha256: str | None = self._encoder.weights_sha256
         self.dim: int = self._encoder.dim
 
     def texts(self, captions: list[str]) -> np.ndarray:
-        with self._turns.turn():
-            return self._encoder.texts(captions, progress=False)
+        return self._encoder.texts(captions, progress=False)
 
     def images(self, paths: list[str]) -> np.ndarray:
-        with self._turns.turn():
-            return self._encoder.images(paths, batch_size=len(paths), num_workers=0, progress=False)
+        return self._encoder.images(paths, batch_size=len(paths), num_workers=0, progress=False)
 
 
 @dataclass
@@ -101,16 +75,13 @@ class RegisteredQueryEncoder:
         from hivlp.registry import load_pyfunc
 
         self._model = load_pyfunc(self.model_uri, self.tracking_uri)
-        self._turns = _OneAtATime()
-        self.last_wait_ms = self._turns.last_wait_ms
         self.source = self.model_uri
         self.weights_sha256 = (self._model.metadata.metadata or {}).get("hivlp_weights_sha256")
 
     def _predict(self, column: str, values: list[str]) -> np.ndarray:
         import pandas as pd
 
-        with self._turns.turn():
-            return np.asarray(self._model.predict(pd.DataFrame({column: values})), dtype=np.float32)
+        return np.asarray(self._model.predict(pd.DataFrame({column: values})), dtype=np.float32)
 
     def texts(self, captions: list[str]) -> np.ndarray:
         return self._predict("text", captions)
@@ -147,7 +118,7 @@ class SearchResponse:
     query: dict[str, str | None]
     searched: str  # the kind of item searched: "image" for a text query, "text" for an image query
     hits: list[Hit]
-    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, encode, coarse, rerank, describe, total
+    timings_ms: dict[str, float] = field(default_factory=dict)  # encode, coarse, rerank, describe, total
     notes: list[str] = field(default_factory=list)  # what was changed about the request, and why
     level: str = "fine"  # "fine" (coarse-to-fine) or "coarse" (the coarse prefix alone)
     k: int = 0  # the k and shortlist used, after capping (no shortlist at level "coarse")
@@ -229,9 +200,8 @@ def search(
 ) -> SearchResponse:
     """Encode one query (a caption or an image file) and search an index at `level` (see LEVELS).
 
-    Timings (ms): queue (waiting for other threads' queries to the shared encoder), encode, coarse (the
-    coarse pass), rerank (fetching and scoring the shortlist's full vectors; 0 at level "coarse"),
-    describe (display metadata of the hits) and total. `max_k` and
+    Timings (ms): encode, coarse (the coarse pass), rerank (fetching and scoring the shortlist's full
+    vectors; 0 at level "coarse"), describe (display metadata of the hits) and total. `max_k` and
     `max_shortlist` cap the request further (a server's limits; see `cap_request`).
     """
     if (text is None) == (image is None):
@@ -267,9 +237,8 @@ def search(
         for r, (i, s) in enumerate(zip(ids, scores)) if i >= 0
     ]
     t_done = time.perf_counter()
-    queue = getattr(encoder, "last_wait_ms", lambda: 0.0)()
-    timings = {"queue": queue, "encode": 1000 * (t_encoded - t0) - queue, "coarse": stages["coarse"],
-               "rerank": stages["rerank"], "describe": 1000 * (t_done - t_searched), "total": 1000 * (t_done - t0)}
+    timings = {"encode": 1000 * (t_encoded - t0), "coarse": stages["coarse"], "rerank": stages["rerank"],
+               "describe": 1000 * (t_done - t_searched), "total": 1000 * (t_done - t0)}
     return SearchResponse(
         query={"text": text, "image": None if image is None else str(image)}, searched=kind, hits=hits,
         timings_ms={key: round(v, 3) for key, v in timings.items()}, notes=notes, level=level, k=k,

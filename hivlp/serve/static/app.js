@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STAGES = ["queue", "encode", "coarse", "rerank", "describe"];
+const STAGES = ["encode", "coarse", "rerank", "describe"];
 const state = { level: "fine", text: "", file: null, results: null, health: null };
 
 function params() {
@@ -104,8 +104,8 @@ function render() {
   const t = cur.timings_ms;
   const total = Math.max(t.total, 1e-6);
   const bar = STAGES.map((s) => `<i class="seg ${s}" style="width:${(100 * (t[s] || 0)) / total}%" title="${s} ${fmt(t[s] || 0)} ms"></i>`).join("");
-  const chips = STAGES.filter((s) => s !== "queue" || t.queue >= 0.5).map((s) =>
-    `<span class="stage ${s}"><i></i>${s === "queue" ? "waiting for encoder" : s} <b>${s === "rerank" && state.level === "coarse" ? "skipped" : fmt(t[s] || 0) + " ms"}</b></span>`).join("");
+  const chips = STAGES.map((s) =>
+    `<span class="stage ${s}"><i></i>${s} <b>${s === "rerank" && state.level === "coarse" ? "skipped" : fmt(t[s] || 0) + " ms"}</b></span>`).join("");
   $("timings").innerHTML =
     `<div class="bar">${bar}</div><div class="chips">${chips}<span class="stage total">server total <b>${fmt(t.total)} ms</b></span>` +
     `<span class="stage rt">round trip <b>${fmt(cur.round_trip_ms)} ms</b></span></div>`;
