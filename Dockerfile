@@ -19,10 +19,10 @@ WORKDIR /app
 # Dependencies first (cached layer): only the lock and the set-up script.
 COPY requirements/lock.txt requirements/lock.txt
 COPY pyproject.toml README.md ./
-COPY scripts/setup.sh scripts/setup.sh
+COPY scripts/setup.sh scripts/install_browser.sh scripts/
 COPY hivlp/ hivlp/
 COPY configs/ configs/
-RUN PYTHON=python3.11 HIVLP_SKIP_DATA=1 HIVLP_EDITABLE=0 bash scripts/setup.sh
+RUN PYTHON=python3.11 HIVLP_SKIP_DATA=1 HIVLP_SKIP_BROWSER=1 HIVLP_EDITABLE=0 bash scripts/setup.sh
 
 RUN useradd --create-home --uid 1000 hivlp && mkdir -p /app/outputs && chown -R hivlp:hivlp /app
 USER hivlp

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv/ from requirements/lock.txt, hivlp installed editable, Flickr8k in data/.
-# Used by `make setup`, CI and the Dockerfile (with HIVLP_SKIP_DATA=1 and HIVLP_EDITABLE=0), so local and
-# container installs cannot drift.
+# Idempotent set-up: .venv/ from requirements/lock.txt, hivlp installed editable, Flickr8k in data/,
+# Debian's chromium for the browser test (scripts/install_browser.sh).
+# Used by `make setup`, CI and the Dockerfile (with HIVLP_SKIP_DATA=1, HIVLP_SKIP_BROWSER=1 and
+# HIVLP_EDITABLE=0), so local and container installs cannot drift.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,3 +36,5 @@ fi
 if [ "${HIVLP_SKIP_DATA:-0}" != "1" ]; then
     PATH="$PWD/$VENV/bin:$PATH" bash scripts/fetch_data.sh
 fi
+
+bash scripts/install_browser.sh

@@ -79,6 +79,25 @@ def test_full_shortlist_equals_exact_search(gallery, queries, kwargs):
     assert isinstance(engine, SearchEngine)
 
 
+def test_per_call_shortlist_timings_and_the_coarse_level_alone(gallery, queries):
+    """What a server asks of one engine per request: its own shortlist, stage times, the coarse pass alone."""
+    ids = np.arange(len(gallery)) + 5
+    engine = CoarseToFineEngine(gallery, ids=ids, coarse_dim=16, shortlist=50)
+    timings: dict[str, float] = {}
+    got = engine.search(queries, k=10, shortlist=300, timings=timings)
+    ref = CoarseToFineEngine(gallery, ids=ids, coarse_dim=16, shortlist=300).search(queries, k=10)
+    np.testing.assert_array_equal(got.ids, ref.ids)
+    assert set(timings) == {"coarse", "rerank"} and all(v > 0 for v in timings.values())
+    assert engine.shortlist == 50  # the per-call shortlist changed nothing shared
+    with pytest.raises(UsageError, match="shortlist must be >= 1"):
+        engine.search(queries, shortlist=0)
+    coarse = engine.search_coarse(queries, k=10)  # == exact search on the 16-d prefix
+    prefix = ExactEngine(gallery[:, :16], ids=ids).search(queries[:, :16], k=10)
+    np.testing.assert_array_equal(coarse.ids, prefix.ids)
+    np.testing.assert_allclose(coarse.scores, prefix.scores, atol=1e-6)
+    assert not np.array_equal(coarse.ids, got.ids)  # the re-rank changes the answer
+
+
 def test_small_shortlist_is_approximate_but_close(gallery, queries):
     exact = ExactEngine(gallery).search(queries, k=10).ids
     for codes in ("fp32", "int8", "binary"):

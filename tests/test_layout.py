@@ -16,6 +16,7 @@ FLOORS = [
     ["hivlp/tracking.py", "hivlp/model/"],
     ["hivlp/registry.py", "hivlp/embeddings/"],
     ["hivlp/retrieval/"],
+    ["hivlp/serve/"],
     ["hivlp/train/"],
     ["hivlp/bench/"],
     ["hivlp/cli/", "hivlp/__main__.py"],

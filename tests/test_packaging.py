@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -52,6 +53,30 @@ def test_dockerfile_uses_the_same_lock_and_setup_script():
     users = re.findall(r"^USER (\S+)", docker, re.M)
     assert users and users[-1] not in ("root", "0")
     assert 'ENTRYPOINT ["hivlp"]' in docker
+
+
+def test_setup_installs_chromium_idempotently_and_the_image_goes_without(tmp_path):
+    """`make setup` (and so CI) brings Debian's chromium for the browser test; the runtime image skips it."""
+    docker = (REPO / "Dockerfile").read_text()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "bash scripts/install_browser.sh" in setup
+    assert re.search(r"RUN .*HIVLP_SKIP_BROWSER=1 .*bash scripts/setup\.sh", docker)
+    assert re.search(r"^COPY .*scripts/install_browser\.sh", docker, re.M)
+    script = str(REPO / "scripts" / "install_browser.sh")
+    skipped = subprocess.run(["bash", script], capture_output=True, text=True,
+                             env={**os.environ, "HIVLP_SKIP_BROWSER": "1"})
+    assert skipped.returncode == 0 and "skipped" in skipped.stdout
+    # With chromium present (as the browser test needs) a second run changes nothing.
+    again = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.strip() == "browser: /usr/bin/chromium is installed", again.stderr
+
+
+def test_the_search_page_ships_as_package_data():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    patterns = re.search(r'"hivlp\.serve" = \[(.*?)\]', pyproject).group(1)
+    globs = re.findall(r'"([^"]+)"', patterns)
+    static = [p.relative_to(REPO / "hivlp" / "serve") for p in (REPO / "hivlp" / "serve" / "static").iterdir()]
+    assert static and all(any(f.match(g) for g in globs) for f in static), (static, globs)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -28,6 +28,7 @@ COMMANDS = [
     "export",
     "index",
     "search",
+    "serve",
     "bench",
     "promote",
 ]

@@ -1,5 +1,6 @@
 """`hivlp bench`: measured benchmarks. `hivlp bench retrieval`: exact vs coarse-to-fine search as the
-gallery grows (latency single and batched, bytes per item, true-image recall, agreement with exact)."""
+gallery grows (latency single and batched, bytes per item, true-image recall, agreement with exact).
+`hivlp bench serve`: a load test of `hivlp serve` on loopback (latency percentiles, errors)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="queries sent through Milvus Lite, the first of --queries (default: %(default)s)")
     run_g.add_argument("--seed", type=int, default=0, help="query sample and distractor seed (default: %(default)s)")
     r.set_defaults(func=run_retrieval)
+    register_serve(sub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -127,3 +129,54 @@ def run_retrieval(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="load test of `hivlp serve` on loopback: p50/p99 latency and errors; JSON",
+        description=(
+            "Start the real `hivlp serve` (uvicorn) on a free loopback port for each index, send "
+            "--requests caption queries (val captions of the export) from --concurrency clients and "
+            "write latency percentiles, throughput and errors. Scenarios: the export in memory, and the "
+            "Milvus index at --uri/--name when given."
+        ),
+    )
+    s.add_argument("--embeddings", required=True, metavar="DIR", help="export folder (queries, thumbnails, in-memory index)")
+    s.add_argument("--uri", help="also load-test this Milvus index (built by `hivlp index` from --embeddings)")
+    s.add_argument("--name", default="hivlp", help="Milvus collection name prefix (default: %(default)s)")
+    s.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model checkpoint folder (default: %(default)s)")
+    s.add_argument("--image-root", help="folder the dataset's images lie under (default: the JSON's)")
+    s.add_argument("--requests", type=int, default=500, help="requests per scenario (default: %(default)s)")
+    s.add_argument("--concurrency", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    s.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
+    s.add_argument("--level", default="fine", choices=("fine", "coarse"), help="(default: %(default)s)")
+    s.add_argument("--out", default="bench/results/serve_load.json", help="results JSON (default: %(default)s)")
+    s.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import random
+    from pathlib import Path
+
+    from hivlp.bench.serve import format_rows, serve_load_bench, write_results
+    from hivlp.embeddings.format import load_embeddings
+
+    if args.requests < 1 or args.concurrency < 1 or args.k < 1:
+        raise UsageError("--requests, --concurrency and --k must be >= 1")
+    captions = [c for c in load_embeddings(args.embeddings, kinds=("text",)).column("caption").to_pylist() if c]
+    random.Random(0).shuffle(captions)
+    common = ["--checkpoint", str(args.checkpoint)] + (["--image-root", args.image_root] if args.image_root else [])
+    scenarios = {"in-memory": ["--embeddings", str(args.embeddings), *common]}
+    if args.uri:
+        scenarios["milvus"] = ["--uri", args.uri, "--name", args.name, "--embeddings", str(args.embeddings), *common]
+    result = serve_load_bench(scenarios, captions, requests=args.requests, concurrency=args.concurrency,
+                              k=args.k, level=args.level)
+    result["command"] = "hivlp bench serve " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k in ("embeddings", "uri", "name", "checkpoint", "image_root", "requests", "concurrency", "k", "level", "out")
+        and v is not None)
+    out = write_results(result, Path(args.out))
+    print(format_rows(result))
+    print(f"wrote {out}")
+    return 0

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=DEFAULT_NAME, help="collection name prefix (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="results to show (default: %(default)s)")
     p.add_argument("--shortlist", type=int, default=100, help="coarse candidates re-ranked (default: %(default)s)")
+    p.add_argument("--level", default="fine", choices=("fine", "coarse"),
+                   help="fine: coarse shortlist re-ranked with the full vectors; coarse: the coarse prefix "
+                        "alone (default: %(default)s)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--checkpoint", default="outputs/finetune", metavar="DIR",
                    help="checkpoint that encodes the query (default: %(default)s)")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     with MilvusDualIndex(args.uri, args.name) as index:
         index.info()  # fail fast (missing/incomplete index) before loading the model
         encoder = query_encoder(None if args.model_uri else args.checkpoint, args.model_uri, args.device)
-        response = search(index, encoder, text=args.text, image=args.image, k=args.k, shortlist=args.shortlist)
+        response = search(index, encoder, text=args.text, image=args.image, k=args.k, shortlist=args.shortlist,
+                          level=args.level)
     if args.json:
         print(json.dumps(response.to_dict(), indent=2))
         return 0

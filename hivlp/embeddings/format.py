@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -238,6 +239,12 @@ def read_manifest(embeddings_dir: str | Path) -> dict[str, Any]:
             {k: p[k] for k in ("shard", "file", "rows", "sha256", "counts")} for p in parts
         ],
     }
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """One hash of an export's content: the sha256 of its shards' checksums, in shard order (what a Milvus
+    index built from the export records as its digest)."""
+    return hashlib.sha256("|".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
 
 
 @contextlib.contextmanager

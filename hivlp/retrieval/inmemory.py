@@ -26,6 +26,7 @@ shortlist of N gives the exact engine's answer.
 
 from __future__ import annotations
 
+import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -393,17 +394,47 @@ class CoarseToFineEngine(InMemoryEngine):
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        shortlist: int | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> SearchResult:
+        """Top-k by full-dim cosine among the coarse shortlist. `shortlist` overrides the engine's for
+        this call (a server answers each request with its own); `timings`, when given, receives the
+        milliseconds of the coarse pass and of the re-rank (keys "coarse", "rerank")."""
+        t0 = time.perf_counter()
         q = self._queries(queries)
         k = self._check_k(k)
-        shortlist = min(max(self.shortlist, k), self.n)
+        if shortlist is not None and shortlist < 1:
+            raise UsageError(f"shortlist must be >= 1, got {shortlist}")
+        shortlist = min(max(self.shortlist if shortlist is None else int(shortlist), k), self.n)
         cand = self._coarse_candidates(q, shortlist)
+        t1 = time.perf_counter()
         cand.sort(axis=1)  # ascending rows, so the stable sorts below send ties to the lower row
         rows = np.empty((len(q), k), dtype=np.int64)
         scores = np.empty((len(q), k), dtype=np.float32)
         step = max(1, _GATHER_BLOCK // (shortlist * self.dim))
         for a in range(0, len(q), step):
             rows[a : a + step], scores[a : a + step] = self._rerank(q[a : a + step], cand[a : a + step], k)
+        if timings is not None:
+            timings["coarse"] = 1000 * (t1 - t0)
+            timings["rerank"] = 1000 * (time.perf_counter() - t1)
+        return self._result(rows, scores)
+
+    def search_coarse(self, queries: np.ndarray, k: int = 10) -> SearchResult:
+        """The coarse level alone: top-k by the coarse codes, no re-rank. With fp32 codes the scores
+        are cosines of the `coarse_dim` prefix; int8 scores are scaled dot products of centred codes
+        and binary scores are minus the Hamming distance (rankings, not cosines)."""
+        q = self._queries(queries)
+        k = self._check_k(k)
+        qc = l2_normalize(q[:, : self.coarse_dim])
+        rows = np.empty((len(q), k), dtype=np.int64)
+        scores = np.empty((len(q), k), dtype=np.float32)
+        step = self._query_block()
+        for a in range(0, len(q), step):
+            rows[a : a + step], scores[a : a + step] = topk_rows(self._coarse_scores(qc[a : a + step]), k)
         return self._result(rows, scores)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

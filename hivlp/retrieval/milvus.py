@@ -540,18 +540,23 @@ class MilvusDualIndex(SearchEngine):
         shortlist: int = 100,
         kind: str = "image",
         ef: int | None = None,
+        timings: dict[str, float] | None = None,
     ) -> SearchResult:
         """Coarse ANN search (top `shortlist` of `kind`), fetch full vectors by id, re-rank, top k.
 
         As the in-memory engines, k is capped at the number of `kind` rows; a query the ANN index
         returns fewer than k candidates for is padded with id -1 and score -inf. `ef` overrides the
-        HNSW search breadth (default 8 * shortlist, see `_search_params`).
+        HNSW search breadth (default 8 * shortlist, see `_search_params`). `timings`, when given,
+        receives the milliseconds of the coarse pass and of the re-rank (fetch + score; keys "coarse",
+        "rerank"), as the in-memory engine's does.
         """
+        t0 = time.perf_counter()
         info = self.info()
         q = self._check_queries(queries, kind, info)
         k = self._check_k(k, kind, info)
         shortlist = max(int(shortlist), int(k))
         cand, _ = self._coarse_candidates(l2_normalize(q[:, : info.coarse_dim]), shortlist, kind, info, ef)
+        t1 = time.perf_counter()
         full = l2_normalize(q)
         uniq = np.unique(np.concatenate(cand)) if cand else np.zeros(0, np.int64)
         vecs = self._fetch_vectors(uniq)
@@ -564,6 +569,9 @@ class MilvusDualIndex(SearchEngine):
             top = np.argsort(-s, kind="stable")[:k]
             ids[i, : len(top)] = c[top]
             scores[i, : len(top)] = s[top]
+        if timings is not None:
+            timings["coarse"] = 1000 * (t1 - t0)
+            timings["rerank"] = 1000 * (time.perf_counter() - t1)
         return SearchResult(ids=ids, scores=scores)
 
     def _check_queries(self, queries: np.ndarray, kind: str, info: IndexInfo) -> np.ndarray:
