@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,26 @@ def load_image(path: str | Path) -> Image.Image:
         raise DatasetError(
             f"{path}: cannot decode image ({e}); replace or remove the file and re-run `hivlp validate`"
         ) from None
+
+
+def files_fingerprint(paths: Sequence[str | Path], with_paths: bool = True) -> str:
+    """A key for the content of image files without reading them: sha256 over each path, size and
+    mtime_ns, in order (`with_paths=False`: size and mtime only, for data that may move). Replacing a
+    file in place (same name, new pixels) changes it, so caches and exports keyed by it are recomputed
+    rather than silently reused. A missing file raises DatasetError."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise DatasetError(
+                f"{p}: image file not found (check data.image_root or the dataset JSON's filepath)"
+            ) from None
+        except OSError as e:
+            raise DatasetError(f"{p}: cannot read the image file ({e.strerror})") from None
+        name = p if with_paths else ""
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def image_transform(data_config: dict[str, Any], train: bool) -> Callable[[Image.Image], Any]:
