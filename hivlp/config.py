@@ -7,6 +7,7 @@ inconsistent values (levels not nested, missing dataset files) raise `ConfigErro
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ class DataConfig:
     max_text_tokens: int = 40
     limit_train_images: int | None = None  # use only the first N train images (smoke runs, tests)
     limit_val_images: int | None = None
+    # Image paths must stay inside the image root (no `..`, absolute paths or symlinks leading out);
+    # true lets a dataset whose images really live elsewhere be read.
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -179,7 +183,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):  # nan and inf pass every `x <= 0` check and ruin a run later
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
+        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -227,7 +239,9 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {_one_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"--set {key}: value nested too deeply") from None
         # YAML 1.1 reads an unquoted 1e-4 as a string (no dot); take it as the number it means. A quoted
         # value ('"1.5"') stays the string it was written as.
         if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
@@ -243,6 +257,10 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return nested
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def _read_yaml_chain(p: Path, seen: list[Path]) -> dict:
     """A recipe file, merged over the file its `extends:` key names (relative to it), recursively."""
     if not p.is_file():
@@ -250,9 +268,19 @@ def _read_yaml_chain(p: Path, seen: list[Path]) -> dict:
     if p.resolve() in seen:
         raise ConfigError(f"config file {p}: `extends` loops back to itself ({' -> '.join(map(str, seen))})")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML: {_one_line(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p}: nested too deeply to read") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p}: cannot read it ({e})") from None
+    if loaded is None:
+        # An empty recipe is a truncated or wrong file far more often than a wish for the defaults.
+        raise ConfigError(
+            f"config file {p} is empty; write the recipe's sections (see configs/{p.name if p.name in ('pretrain.yaml', 'finetune.yaml') else 'pretrain.yaml'}) "
+            "or pass another --config"
+        )
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping of sections")
     parent = loaded.pop("extends", None)
@@ -288,6 +316,31 @@ def config_from_dict(data: dict, check_files: bool = False) -> RunConfig:
     return cfg
 
 
+# (section, field, smallest allowed value) for the numbers whose range is simple; None passes (unset).
+_LOWER_BOUNDS: list[tuple[str, str, float]] = [
+    ("data", "max_text_tokens", 1),
+    ("data", "limit_train_images", 1),
+    ("data", "limit_val_images", 1),
+    ("model", "embed_dim", 1),
+    ("model", "head_hidden", 1),
+    ("loss", "hard_negative_weight", 0),
+    ("loss", "distill_weight", 0),
+    ("train", "epochs", 1),
+    ("train", "batch_size", 1),
+    ("train", "grad_accum", 1),
+    ("train", "tower_lr", 0),
+    ("train", "weight_decay", 0),
+    ("train", "warmup_steps", 0),
+    ("train", "grad_clip", 0),
+    ("train", "num_workers", 0),
+    ("train", "log_every", 1),
+    ("train", "max_steps", 1),
+    ("train", "save_every_steps", 0),
+    ("train", "eval_batch_size", 1),
+    ("train", "eval_shortlist", 1),
+]
+
+
 def check_config(cfg: RunConfig, check_files: bool = True) -> None:
     """Cross-field checks; each error names the field."""
     if cfg.recipe not in ("pretrain", "finetune"):
@@ -320,10 +373,15 @@ def check_config(cfg: RunConfig, check_files: bool = True) -> None:
         raise ConfigError(
             f"loss.level_weights: {len(w)} weights for {len(lv)} levels ({lv}); give one per level"
         )
+    if w is not None and (any(x < 0 for x in w) or sum(w) <= 0):
+        raise ConfigError(f"loss.level_weights: must be >= 0 with a positive sum, got {w}")
     t = cfg.train
-    for name in ("epochs", "batch_size", "grad_accum"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    for section, name, low in _LOWER_BOUNDS:
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < low:
+            raise ConfigError(f"{section}.{name}: must be >= {low}, got {value}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be within 0..1, got {t.min_lr_ratio}")
     if t.image_views < 0:
         raise ConfigError(f"train.image_views: must be >= 0 (0 = no augmented views), got {t.image_views}")
     if cfg.loss.hard_negative_levels not in ("full", "all"):

@@ -34,7 +34,12 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorS
 
 from hivlp.config import TrackingConfig
 from hivlp.errors import HivlpError, UsageError
-from hivlp.model.checkpoint import checkpoint_sha256, copy_checkpoint, read_meta
+from hivlp.model.checkpoint import (
+    checkpoint_sha256,
+    copy_checkpoint,
+    read_meta,
+    verify_checkpoint,
+)
 from hivlp.tracking import artifact_location, is_local_store, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -192,6 +197,7 @@ def log_model(
     `experiment`. The version is tagged with the checkpoint's weights sha256 and source folder.
     """
     ckpt = Path(checkpoint_dir)
+    verify_checkpoint(ckpt)  # before the store is touched: a bad checkpoint leaves no run behind
     client = connect(tracking_uri)
     if run_id is None:
         run_id = _training_run_id(client, ckpt)
@@ -259,9 +265,12 @@ def read_metric(metrics_path: str | Path, metric: str = DEFAULT_METRIC) -> float
         raise UsageError(f"metrics file {p} not found; write it with `hivlp evaluate --out {p}`")
     try:
         data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{p}: not valid JSON ({e})") from None
-    value = data.get("full", {}).get(metric) if isinstance(data, dict) else None
+    except RecursionError:
+        raise UsageError(f"{p}: JSON nested too deeply; is it the output of `hivlp evaluate`?") from None
+    full = data.get("full") if isinstance(data, dict) else None
+    value = full.get(metric) if isinstance(full, dict) else None
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UsageError(f"{p}: no number at full.{metric}; is it the output of `hivlp evaluate`?")
     return float(value)
@@ -383,6 +392,8 @@ def register_and_promote(
 
     The metric is read before anything is registered, so a missing metric leaves the registry as it was.
     """
+    if not math.isfinite(min_value):
+        raise UsageError(f"--min-r-mean must be a finite number, got {min_value}")
     if metrics_path is not None:
         read_metric(metrics_path, metric)
     elif run_id is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,19 @@ def flickr8k_raw() -> dict:
 def write_slice(raw: dict, out_dir: Path, n_train: int, n_val: int) -> Path:
     """A Karpathy JSON with the first n_train train and n_val val images of Flickr8k.
 
-    Image paths point at the real shipped images (`filepath` made absolute), so no image is copied.
+    The real images are copied into `out_dir/images` (the JSON's `filepath` stays relative): images
+    must lie inside the image root, and a test may replace one without touching the shared data.
     """
     by_split: dict[str, list] = {"train": [], "val": []}
+    images = out_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
     for img in raw["images"]:
         s = img["split"]
         limit = {"train": n_train, "val": n_val}.get(s, 0)
         if s in by_split and len(by_split[s]) < limit:
             entry = dict(img)
-            entry["filepath"] = str(FLICKR8K / img.get("filepath", ""))
+            entry["filepath"] = "images"
+            shutil.copyfile(FLICKR8K / img.get("filepath", "") / img["filename"], images / img["filename"])
             by_split[s].append(entry)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "dataset_slice.json"

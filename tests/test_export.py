@@ -159,7 +159,7 @@ def test_a_different_export_in_the_same_folder_is_refused(
 ):
     other = write_slice(flickr8k_raw, tmp_path / "val6", n_train=0, n_val=6)
     ckpt = model_and_checkpoint[1]
-    with pytest.raises(UsageError, match="different export \\(dataset_sha256 differs\\)"):
+    with pytest.raises(UsageError, match="different export \\(dataset_sha256, images_fingerprint differ\\)"):
         export_embeddings(ckpt, other, "val", sharded[0], shard=(0, 2), device="cpu", progress=False)
     with pytest.raises(UsageError, match="shard count"):
         export_embeddings(ckpt, other, "val", whole, shard=(0, 3), device="cpu", progress=False)

@@ -19,7 +19,12 @@ from PIL import Image
 from hivlp.cli import main
 from hivlp.config import RunConfig
 from hivlp.embeddings.export import export_embeddings
-from hivlp.embeddings.format import TEXT_ID_OFFSET, batch_embeddings, load_embeddings, read_manifest
+from hivlp.embeddings.format import (
+    TEXT_ID_OFFSET,
+    batch_embeddings,
+    load_embeddings,
+    read_manifest,
+)
 from hivlp.retrieval.export_index import ExportIndex
 from hivlp.retrieval.inmemory import l2_normalize
 from hivlp.retrieval.milvus import MilvusDualIndex

@@ -98,16 +98,19 @@ class BenchEmbeddings:
                 f"{p}: missing arrays {missing}; the file needs image [N, D], text [M, D] and "
                 "text_to_image [M] (optional: extra_image [E, D], levels)"
             )
-        image = z["image"].astype(np.float32)
-        extra = z["extra_image"].astype(np.float32) if "extra_image" in z.files else image[:0]
-        emb = cls(
-            image=image,
-            text=z["text"].astype(np.float32),
-            text_to_image=z["text_to_image"].astype(np.int64),
-            extra_image=extra,
-            levels=[int(d) for d in z["levels"]] if "levels" in z.files else _default_levels(image.shape[1]),
-            source=str(z["source"]) if "source" in z.files else f"embeddings file {p}",
-        )
+        try:
+            image = z["image"].astype(np.float32)
+            extra = z["extra_image"].astype(np.float32) if "extra_image" in z.files else image[:0]
+            emb = cls(
+                image=image,
+                text=z["text"].astype(np.float32),
+                text_to_image=z["text_to_image"].astype(np.int64),
+                extra_image=extra,
+                levels=[int(d) for d in z["levels"]] if "levels" in z.files else _default_levels(image.shape[-1]),
+                source=str(z["source"]) if "source" in z.files else f"embeddings file {p}",
+            )
+        except (ValueError, TypeError, OSError) as e:  # object (pickled) or non-numeric arrays, damaged members
+            raise UsageError(f"{p}: arrays not readable as numbers ({' '.join(str(e).split())})") from None
         emb.check(str(p))
         return emb
 
@@ -175,12 +178,15 @@ def encode_embeddings(
     fit_train: bool = True,
     cache_dir: str | Path = "outputs/cache/bench",
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> BenchEmbeddings:
     """Encode val images + captions (and train images, to fit the distractors) with a checkpoint.
 
-    The result is cached under `cache_dir`, keyed by the weights' sha256, the dataset file and
+    The result is cached under `cache_dir`, keyed by the weights' sha256, the dataset file, every
+    image file it encodes (path, size, mtime: an image replaced in place is encoded again) and
     `fit_train`, so re-running the bench does not re-encode.
     """
+    from hivlp.data.images import files_fingerprint
     from hivlp.data.karpathy import load_split
     from hivlp.model.checkpoint import checkpoint_sha256
 
@@ -188,8 +194,11 @@ def encode_embeddings(
     weights_sha = checkpoint_sha256(ckpt)
     if not data.is_file():
         raise UsageError(f"{data}: dataset file not found (pass --dataset PATH to a Karpathy-format JSON)")
+    val = load_split(data, "val", image_root, allow_outside_root=allow_outside_root)
+    train = load_split(data, "train", image_root, allow_outside_root=allow_outside_root) if fit_train else None
     stat = data.stat()
-    key_text = f"{weights_sha}|{data.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image_root}|{fit_train}"
+    images = files_fingerprint(val.image_paths + (train.image_paths if train else []))
+    key_text = f"{weights_sha}|{data.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image_root}|{fit_train}|{images}"
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"embeddings-{key}.npz"
     if cache.is_file():
@@ -199,11 +208,9 @@ def encode_embeddings(
     from hivlp.model.encode import load_encoder
 
     encoder = load_encoder(ckpt, device=device)
-    val = load_split(data, "val", image_root)
     image, text = encoder.split(val, batch_size=batch_size, progress=progress)
     extra = image[:0]
-    if fit_train:
-        train = load_split(data, "train", image_root)
+    if train is not None:
         extra = encoder.images(train.image_paths, batch_size=batch_size, progress=progress)
     emb = BenchEmbeddings(
         image=image, text=text, text_to_image=val.text_to_image, extra_image=extra,

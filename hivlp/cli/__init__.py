@@ -2,6 +2,12 @@
 
 Sub-command modules register their parser in `register(subparsers)` and import heavy libraries
 (torch, mlflow, pymilvus, great_expectations, kfp) only inside their run function.
+
+Errors: whatever the input, a user sees one line naming the culprit, never a traceback. A
+`HivlpError` is printed as `hivlp <command>: error: <message>` and exits with its code (2 for bad
+arguments, config, dataset or checkpoint; 1 for problems found or a failed runtime dependency); any
+other exception is an internal error (exit 1) with the same single line. `hivlp --debug <command>` (or
+HIVLP_DEBUG=1) adds the traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import re
 import sys
+import traceback
 
 from hivlp import __version__
 from hivlp.errors import HivlpError
@@ -41,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hivlp {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (also HIVLP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -52,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
             ) from e
         module.register(sub)
     return parser
+
+
+# torch's DataLoader re-raises a worker's exception as the same type with the worker's traceback as
+# its message: "Caught X in DataLoader worker process 0.\nOriginal Traceback ...\nmodule.X: message".
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in .*?\nOriginal Traceback \(most recent call last\):\n", re.S)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a user sees for an exception: its message, without a traceback in it."""
+    text = str(e)
+    if _WORKER_TRACEBACK.match(text):
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and not last.startswith(" ") else last
+    return " ".join(text.split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,14 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("HIVLP_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
     except HivlpError as e:
-        print(redact(f"hivlp {args.command}: error: {e}"), file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(redact(f"hivlp {args.command}: error: {error_line(e)}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"hivlp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an input no check foresaw, or a bug: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(redact(
+            f"hivlp {args.command}: internal error: {type(e).__name__}: {error_line(e)} "
+            f"({'traceback above' if debug else 're-run with hivlp --debug for the traceback'}; please report it)"
+        ), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--cache-dir", default="outputs/cache/bench",
                      help="encoded-embeddings cache; Milvus Lite's temporary files go here too (default: %(default)s)")
     src.add_argument("--device", default="auto", help="encoding device: auto, cpu, cuda (default: %(default)s)")
+    src.add_argument("--allow-outside-root", action="store_true",
+                     help="read images whose path leads outside the image root (refused by default)")
     src.add_argument("--encode-batch-size", type=int, default=64,
                      help="images per encoding batch (default: %(default)s)")
     run_g = r.add_argument_group("run")
@@ -104,6 +106,11 @@ def run_retrieval(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if args.embeddings and args.synthetic:
         raise UsageError("pass either --embeddings or --synthetic, not both")
+    if args.encode_batch_size < 1 or args.queries < 0:
+        raise UsageError("--encode-batch-size must be >= 1 and --queries >= 0")
+    from hivlp.io import check_output_file
+
+    check_output_file(args.out, "--out")  # before the encoding and the measurements, not after
     if args.embeddings:
         emb = BenchEmbeddings.load(args.embeddings)
     elif args.synthetic:
@@ -112,6 +119,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
         emb = encode_embeddings(
             args.checkpoint, args.dataset, args.image_root, device=args.device,
             batch_size=args.encode_batch_size, fit_train=not args.no_fit_train, cache_dir=args.cache_dir,
+            allow_outside_root=args.allow_outside_root,
         )
     cfg = BenchConfig(
         sizes=args.sizes, methods=methods, threads=args.threads, repeats=args.repeats, batch=args.batch,

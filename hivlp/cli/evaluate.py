@@ -32,22 +32,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="milvus: also run coarse-to-fine through a Milvus dual-collection index (default: %(default)s)")
     p.add_argument("--uri", help="Milvus URI for --backend milvus (a .db path is Milvus Lite)")
     p.add_argument("--name", help="Milvus index name for --backend milvus (temporary collections derive from it)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read images whose path leads outside the image root (refused by default)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from hivlp.errors import UsageError
-    from hivlp.io import atomic_write_json
+    from hivlp.io import atomic_write_json, check_output_file
     from hivlp.retrieval.evaluate import evaluate_checkpoint, format_table
 
     if args.shortlist < 1 or args.batch_size < 1 or args.coarse_dim < 1:
         raise UsageError("--shortlist, --batch-size and --coarse-dim must be >= 1")
     if args.backend != "milvus" and (args.uri or args.name):
         raise UsageError("--uri and --name apply to --backend milvus only")
+    check_output_file(args.out, "--out")  # before encoding, not after
     metrics = evaluate_checkpoint(
         args.checkpoint, args.dataset, split=args.split, image_root=args.image_root,
         shortlist=args.shortlist, coarse_dim=args.coarse_dim, batch_size=args.batch_size,
         device=args.device, backend=args.backend, codes=args.codes, uri=args.uri, name=args.name,
+        allow_outside_root=args.allow_outside_root,
     )
     atomic_write_json(args.out, metrics)
     counts = metrics["counts"]

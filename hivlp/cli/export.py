@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", metavar="DIR", help="folder image paths are relative to (default: the JSON's)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: %(default)s)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read images whose path leads outside the image root (refused by default)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     path = export_embeddings(
         args.checkpoint, args.dataset, args.split, args.out, image_root=args.image_root, shard=shard,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        allow_outside_root=args.allow_outside_root,
     )
     m = read_manifest(args.out)
     state = "complete" if m["complete"] else f"shards still missing: {m['missing_shards']}"

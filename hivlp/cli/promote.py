@@ -45,8 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hivlp.io import check_output_file
     from hivlp.registry import register_and_promote
 
+    if args.out:
+        check_output_file(args.out, "--out")  # before registering: a new version must not end in an error
     result = register_and_promote(
         args.checkpoint, metrics_path=args.metrics, run_id=args.run_id, name=args.name,
         min_value=args.min_r_mean, alias=args.alias, tracking_uri=args.tracking_uri,

@@ -44,10 +44,17 @@ def run(args: argparse.Namespace) -> int:
     quiet_backend_logs()
     from hivlp.errors import UsageError
     from hivlp.retrieval.milvus import MilvusDualIndex
-    from hivlp.retrieval.search import query_encoder, search
+    from hivlp.retrieval.search import check_text_query, query_encoder, search
 
     if args.k < 1 or args.shortlist < 1:
         raise UsageError("--k and --shortlist must be >= 1")
+    # The query itself is checked before the index opens and the model loads.
+    if args.text is not None:
+        check_text_query(args.text)
+    else:
+        from hivlp.data.images import load_image
+
+        load_image(args.image)  # missing, undecodable or a decompression bomb: one named error
     with MilvusDualIndex(args.uri, args.name) as index:
         index.info()  # fail fast (missing/incomplete index) before loading the model
         encoder = query_encoder(None if args.model_uri else args.checkpoint, args.model_uri, args.device)

@@ -16,7 +16,7 @@ from hivlp.data.validate import (
     format_summary,
     validate_dataset,
 )
-from hivlp.io import atomic_write_json
+from hivlp.io import atomic_write_json, check_output_dir, check_output_file
 
 DEFAULT_REPORT_DIR = Path("outputs/validation")
 
@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"JSON report path (default: {DEFAULT_REPORT_DIR}/<dataset name>[.<split>].json)",
     )
     p.add_argument("--workers", type=int, metavar="N", help="image-checking threads")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read images whose path leads outside the image root (refused by default)")
     p.add_argument(
         "--splits", default=",".join(DEFAULT_SPLITS), metavar="A,B",
         help="allowed split values (default: %(default)s)",
@@ -71,8 +73,14 @@ def run(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         captions_per_image=args.captions_per_image,
     )
+    # The report's place is checked before the work: a folder there must not cost a whole validation.
+    if args.report:
+        check_output_file(args.report, "--report")
+    else:
+        check_output_dir(DEFAULT_REPORT_DIR, "report folder")
     report = validate_dataset(
-        args.dataset, image_root=args.image_root, split=args.split, workers=args.workers, limits=limits
+        args.dataset, image_root=args.image_root, split=args.split, workers=args.workers, limits=limits,
+        allow_outside_root=args.allow_outside_root,
     )
     path = Path(args.report) if args.report else default_report_path(report.dataset, report.split)
     atomic_write_json(path, report.to_dict())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
 from hivlp.errors import DatasetError
+
 
 class ImageTooLargeError(DatasetError):
     """An image whose pixels would take too much memory to decode (a decompression bomb)."""
@@ -74,6 +77,26 @@ def decode_image_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
         raise DatasetError(
             f"{what}: not a readable image ({type(e).__name__}: {e}); send a JPEG, PNG or WebP file"
         ) from None
+
+
+def files_fingerprint(paths: Sequence[str | Path], with_paths: bool = True) -> str:
+    """A key for the content of image files without reading them: sha256 over each path, size and
+    mtime_ns, in order (`with_paths=False`: size and mtime only, for data that may move). Replacing a
+    file in place (same name, new pixels) changes it, so caches and exports keyed by it are recomputed
+    rather than silently reused. A missing file raises DatasetError."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise DatasetError(
+                f"{p}: image file not found (check data.image_root or the dataset JSON's filepath)"
+            ) from None
+        except OSError as e:
+            raise DatasetError(f"{p}: cannot read the image file ({e.strerror})") from None
+        name = p if with_paths else ""
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def image_transform(data_config: dict[str, Any], train: bool) -> Callable[[Image.Image], Any]:

@@ -188,16 +188,14 @@ def check_images(
 # 3. rules
 
 
-def _images_table(data: dict, image_root: Path) -> pd.DataFrame:
-    """One row per JSON entry; `path` follows the reader's rule <image_root>/<filepath>/<filename>."""
+def _images_table(data: dict, paths: list[str]) -> pd.DataFrame:
+    """One row per JSON entry; `paths` are the reader's (`karpathy.image_paths`), checked to stay
+    inside the image root."""
     import pandas as pd
 
-    from hivlp.data.karpathy import image_path
-
     rows = [
-        (i, img["imgid"], img["filename"], str(image_path(image_root, img)),
-         img["split"], len(img["sentences"]))
-        for i, img in enumerate(data["images"])
+        (i, img["imgid"], img["filename"], path, img["split"], len(img["sentences"]))
+        for i, (img, path) in enumerate(zip(data["images"], paths))
     ]
     return pd.DataFrame(rows, columns=["entry", "imgid", "filename", "path", "split", "n_captions"])
 
@@ -428,14 +426,17 @@ def validate_dataset(
     workers: int | None = None,
     limits: ValidationLimits | None = None,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> ValidationReport:
     """Validate a Karpathy-format JSON and its image files.
 
-    Raises DatasetError when the JSON is unreadable or malformed (nothing else can be checked);
+    Raises DatasetError when the JSON is unreadable or malformed, an id is out of range or an image
+    path leads outside the image root (unless `allow_outside_root`): then nothing else is checked,
+    and no file is opened;
     every other finding is a Problem in the returned report. `split` limits all checks to one split;
     `workers` is the number of image-checking threads (default: the thread pool's own).
     """
-    from hivlp.data.karpathy import image_root_for, pairs_from_json
+    from hivlp.data.karpathy import image_paths, image_root_for, pairs_from_json
 
     started = time.perf_counter()
     limits = limits or ValidationLimits()
@@ -447,8 +448,9 @@ def validate_dataset(
     data = _load(json_path)
     root = image_root_for(json_path, image_root)
 
-    images = _images_table(data, root)
-    pairs = pairs_from_json(data, root)
+    paths = image_paths(data, root, json_path, allow_outside_root)
+    images = _images_table(data, paths)
+    pairs = pairs_from_json(data, root, json_path, allow_outside_root=True)  # paths checked just above
     # pairs_from_json emits every entry's sentences in order, so the entry index repeats per caption.
     pairs.insert(0, "entry", images["entry"].repeat(images["n_captions"]).to_numpy())
     if split is not None:

@@ -9,12 +9,19 @@ in-memory search read it. Layout of an export folder:
     manifest.json                  the merged view of all parts (rewritten after each shard)
 
 Ids are unique across both kinds so one collection can hold both: an image's id is its `imgid`,
-a caption's id is `TEXT_ID_OFFSET + sentid` (Karpathy sentids and imgids are both < 10^9).
+a caption's id is `TEXT_ID_OFFSET + sentid` (the reader, `hivlp.data.karpathy`, guarantees
+0 <= imgid < 10^9, unique ids, and caption ids inside int64).
 
 Why per-shard manifest parts: shards run as parallel pipeline tasks, possibly on different
 machines over a shared volume. Each task writes only its own part (atomically), so no two writers
 ever touch the same file; `read_manifest` merges the parts, and `manifest.json` is a convenience
 copy of that merge, rewritten under a file lock. The parts are the source of truth.
+
+Publishing a shard: its Parquet file is written under a temp name unique to the writer, its sha256
+taken from those bytes, and then, under the folder's lock, renamed into place together with its
+manifest part; so two writers of one shard never leave a file that does not match its part. (The
+exporter also holds a per-shard lock while it encodes: a second writer of the same shard waits and
+then finds it done.)
 
 Embeddings are the full D-dim vectors, unnormalised: every level is a prefix, normalised when used.
 """
@@ -26,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,17 +41,20 @@ from typing import Any
 
 import numpy as np
 
+from hivlp.data.karpathy import TEXT_ID_OFFSET
 from hivlp.errors import HivlpError, UsageError
-from hivlp.io import atomic_write_json, sha256_file
+from hivlp.io import atomic_write_json, new_temp_file, publish_file, sha256_file
 
 log = logging.getLogger(__name__)
 
-TEXT_ID_OFFSET = 10**9
 MANIFEST = "manifest.json"
 FORMAT = "hivlp-embeddings/1"
 COLUMNS = ("id", "kind", "imgid", "sentid", "filename", "caption", "embedding")
-# What makes two shards parts of one export (the checkpoint and dataset paths are informational).
-SOURCE_KEYS = ("weights_sha256", "dataset_sha256", "split")
+# What makes two shards parts of one export (the checkpoint and dataset paths are informational):
+# the weights, the dataset JSON, the split, and the split's image files (paths, sizes, mtimes), so an
+# image replaced in place makes the old shards another export's.
+SOURCE_KEYS = ("weights_sha256", "dataset_sha256", "split", "images_fingerprint")
+_PART_KEYS = ("shard", "num_shards", "file", "rows", "sha256", "counts", "dim", "levels", "source")
 _PART_RE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.json$")
 
 
@@ -142,29 +151,33 @@ def write_shard(
     check_compatible(out, shard, source)
     name = shard_name(*shard)
     final = out / f"{name}.parquet"
-    tmp = out / f".{name}.parquet.tmp"
+    (out / f".{name}.parquet.tmp").unlink(missing_ok=True)  # the fixed temp name of earlier versions
+    tmp = new_temp_file(final)  # unique to this writer; an interrupted writer's temp is removed
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        sha = sha256_file(tmp)  # the bytes this writer wrote, before anyone can replace them
+        kinds = table.column("kind").to_pylist()
+        part = {
+            "format": FORMAT,
+            "shard": shard[0],
+            "num_shards": shard[1],
+            "file": final.name,
+            "rows": table.num_rows,
+            "sha256": sha,
+            "counts": {"image": kinds.count("image"), "text": kinds.count("text")},
+            "dim": table.schema.field("embedding").type.list_size,
+            "levels": [int(x) for x in levels],
+            "source": source,
+        }
+        with _locked(out / ".manifest.lock"):  # the file and its part are published together
+            check_compatible(out, shard, source)
+            publish_file(tmp, final)
+            atomic_write_json(out / f"{name}.json", part)
+            atomic_write_json(out / MANIFEST, read_manifest(out))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    kinds = table.column("kind").to_pylist()
-    part = {
-        "format": FORMAT,
-        "shard": shard[0],
-        "num_shards": shard[1],
-        "file": final.name,
-        "rows": table.num_rows,
-        "sha256": sha256_file(final),
-        "counts": {"image": kinds.count("image"), "text": kinds.count("text")},
-        "dim": table.schema.field("embedding").type.list_size,
-        "levels": [int(x) for x in levels],
-        "source": source,
-    }
-    atomic_write_json(out / f"{name}.json", part)
-    _rewrite_manifest(out)
     return final
 
 
@@ -174,11 +187,14 @@ def _read_parts(out_dir: Path) -> list[dict]:
         if not _PART_RE.match(p.name):
             continue
         try:
-            parts.append(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
+            part = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise UsageError(
-                f"{p}: manifest part is not valid JSON ({e}); delete it and re-export that shard"
+                f"{p}: manifest part is not valid JSON ({type(e).__name__}); delete it and re-export that shard"
             ) from None
+        if not isinstance(part, dict) or any(k not in part for k in _PART_KEYS) or not isinstance(part["source"], dict):
+            raise UsageError(f"{p}: not a manifest part of a hivlp export; delete it and re-export that shard")
+        parts.append(part)
     return parts
 
 
@@ -189,8 +205,9 @@ def check_compatible(out_dir: Path, shard: tuple[int, int], source: dict) -> Non
             continue  # this shard's own part: rewritten below
         if part["num_shards"] != shard[1] or not _same_source(part["source"], source):
             what = "shard count" if part["num_shards"] != shard[1] else _source_diff(part["source"], source)
+            verb = "differ" if "," in what else "differs"
             raise UsageError(
-                f"{out_dir} already holds {part['file']} from a different export ({what} differs); "
+                f"{out_dir} already holds {part['file']} from a different export ({what} {verb}); "
                 "use an empty --out folder or delete the old shards first"
             )
 
@@ -226,7 +243,8 @@ def read_manifest(embeddings_dir: str | Path) -> dict[str, Any]:
     counts = {k: sum(p["counts"][k] for p in parts) for k in ("image", "text")}
     return {
         "format": FORMAT,
-        **{k: source[k] for k in ("checkpoint", "weights_sha256", "dataset", "dataset_sha256", "split")},
+        **{k: source.get(k) for k in ("checkpoint", "weights_sha256", "dataset", "dataset_sha256", "split",
+                                       "images_fingerprint")},
         "dim": dim,
         "levels": levels,
         "id_scheme": {"image": "imgid", "text": f"{TEXT_ID_OFFSET} + sentid"},
@@ -257,9 +275,21 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _rewrite_manifest(out_dir: Path) -> None:
-    with _locked(out_dir / ".manifest.lock"):
-        atomic_write_json(out_dir / MANIFEST, read_manifest(out_dir))
+@contextlib.contextmanager
+def shard_lock(out_dir: str | Path, shard: tuple[int, int]) -> Iterator[None]:
+    """Held by the one process exporting shard (i, n) into `out_dir`; a second one waits for it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f".{shard_name(*shard)}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is exporting shard %d/%d into %s; waiting for it", *shard, out)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def shard_done(out_dir: Path, shard: tuple[int, int], source: dict) -> Path | None:
@@ -271,9 +301,9 @@ def shard_done(out_dir: Path, shard: tuple[int, int], source: dict) -> Path | No
         return None
     try:
         part = json.loads(part_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
-    if not _same_source(part.get("source", {}), source):
+    if not isinstance(part, dict) or not isinstance(part.get("source"), dict) or not _same_source(part["source"], source):
         return None
     if sha256_file(parquet) != part.get("sha256"):
         log.warning("%s: checksum differs from its manifest part; exporting the shard again", parquet)

@@ -30,8 +30,15 @@ from safetensors.torch import load_file, save_file
 
 import hivlp
 from hivlp.config import RunConfig, config_from_dict, save_config
-from hivlp.errors import UsageError
-from hivlp.io import atomic_dir, atomic_write_json, sha256_file
+from hivlp.errors import ConfigError, UsageError
+from hivlp.io import (
+    apply_umask,
+    atomic_dir,
+    atomic_write_json,
+    new_temp_dir,
+    remove_stale_temps,
+    sha256_file,
+)
 from hivlp.model.dual_encoder import DualEncoder, build_model
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ WEIGHTS = "model.safetensors"
 TEXT_FILES = "text_tower"
 META = "meta.json"
 CHECKPOINT_FILES = (CONFIG, WEIGHTS, TEXT_FILES, META)
+STAGING = "checkpoint"  # publish_checkpoint stages in a temp named after it (`.checkpoint.<writer>.tmp`)
 _HASHED = (CONFIG, WEIGHTS, TEXT_FILES)
 
 
@@ -73,31 +81,39 @@ def save_checkpoint(
 
     `extra_meta` adds provenance to meta.json (e.g. the MLflow run id and epoch that produced it).
     """
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        _write_files(model, run_config, tmp, metrics, extra_meta)
+    return out
+
+
+def _write_files(
+    model: DualEncoder, run_config: RunConfig, folder: Path, metrics: dict | None, extra_meta: dict | None
+) -> None:
+    """The checkpoint files into an empty (temp) folder, meta.json last."""
     cfg = copy.deepcopy(run_config)
     cfg.model = copy.deepcopy(model.config)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        save_config(cfg, tmp / CONFIG)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        model.text_tower.save_files(tmp / TEXT_FILES)
-        files = _hashed_files(tmp)
-        atomic_write_json(
-            tmp / META,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "hivlp_version": hivlp.__version__,
-                "levels": list(model.levels),
-                "embed_dim": model.embed_dim,
-                "image_tower": model.config.image_tower,
-                "text_tower": model.config.text_tower,
-                "metrics": metrics or {},
-                "weights_sha256": files[WEIGHTS],
-                "files_sha256": files,
-                **(extra_meta or {}),
-            },
-        )
-    return out
+    save_config(cfg, folder / CONFIG)
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+    apply_umask(folder / WEIGHTS)  # safetensors writes 0600; a checkpoint is as readable as its other files
+    model.text_tower.save_files(folder / TEXT_FILES)
+    files = _hashed_files(folder)
+    atomic_write_json(
+        folder / META,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "hivlp_version": hivlp.__version__,
+            "levels": list(model.levels),
+            "embed_dim": model.embed_dim,
+            "image_tower": model.config.image_tower,
+            "text_tower": model.config.text_tower,
+            "metrics": metrics or {},
+            "weights_sha256": files[WEIGHTS],
+            "files_sha256": files,
+            **(extra_meta or {}),
+        },
+    )
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -117,9 +133,26 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e}); the checkpoint is corrupt, re-create it") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: JSON nested too deeply; the checkpoint is corrupt, re-create it") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("weights_sha256"), str):
         raise CheckpointError(f"{meta_path}: no weights_sha256 recorded; the checkpoint is corrupt, re-create it")
+    files = meta.get("files_sha256")
+    if files is not None and not (
+        isinstance(files, dict)
+        and all(isinstance(k, str) and isinstance(v, str) and _inside(k) for k, v in files.items())
+    ):
+        raise CheckpointError(
+            f"{meta_path}: files_sha256 must map file names inside the checkpoint to hashes; "
+            "the checkpoint is corrupt, re-create it"
+        )
     return meta
+
+
+def _inside(name: str) -> bool:
+    """A recorded file name stays inside the checkpoint folder (verification never reads elsewhere)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -167,7 +200,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{p / CONFIG}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{p / CONFIG}: expected a mapping of config sections; re-create the checkpoint")
-    cfg = config_from_dict(raw, check_files=False)
+    try:
+        cfg = config_from_dict(raw, check_files=False)
+    except ConfigError as e:
+        raise CheckpointError(f"{p / CONFIG}: {e}; the checkpoint does not fit this hivlp version, re-create it") from None
     text_files = p / TEXT_FILES if (p / TEXT_FILES).is_dir() else None
     model = build_model(cfg.model, load_weights=False, text_files=text_files)
     try:
@@ -179,6 +215,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except RuntimeError as e:
         raise CheckpointError(f"{p / WEIGHTS} does not match the model in {p / CONFIG}: {e}") from None
     return model.to(device).eval(), cfg
+
+
+def remove_interrupted_writes(out_dir: str | Path) -> list[Path]:
+    """Remove what interrupted checkpoint publishes left in a training's output folder."""
+    out = Path(out_dir)
+    shutil.rmtree(out / ".checkpoint.tmp", ignore_errors=True)
+    return remove_stale_temps(out, STAGING)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
@@ -207,9 +250,13 @@ def publish_checkpoint(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".checkpoint.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(model, run_config, staging, metrics=metrics, extra_meta=extra_meta)
+    shutil.rmtree(out / ".checkpoint.tmp", ignore_errors=True)  # the staging name of earlier versions
+    staging = new_temp_dir(out / STAGING)  # removes what an interrupted publish left
+    try:
+        _write_files(model, run_config, staging, metrics, extra_meta)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (out / META).unlink(missing_ok=True)
     for name in [n for n in CHECKPOINT_FILES if n != META] + [META]:
         dst = out / name

@@ -163,8 +163,10 @@ def evaluate_checkpoint(
     uri: str | None = None,
     name: str | None = None,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
-    """Load a checkpoint, encode one split of a Karpathy JSON and evaluate it.
+    """Load a checkpoint, encode one split of a Karpathy JSON and evaluate it (the reader refuses a
+    split that validation would flag: duplicate ids or files, empty captions, paths outside the root).
 
     `backend="milvus"` adds a "milvus_c2f" entry: the same coarse-to-fine protocol run through
     a temporary Milvus dual-collection index at `uri` (see `hivlp.retrieval.milvus`).
@@ -174,8 +176,8 @@ def evaluate_checkpoint(
     from hivlp.data.karpathy import load_split
     from hivlp.model.encode import load_encoder
 
+    data = load_split(dataset, split, image_root, allow_outside_root=allow_outside_root)  # before the model loads
     encoder = load_encoder(checkpoint, device=device)
-    data = load_split(dataset, split, image_root)
     t = time.perf_counter()
     img, txt = encoder.split(data, batch_size=batch_size, progress=progress)
     encode_s = time.perf_counter() - t

@@ -16,9 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from hivlp.embeddings.format import batch_embeddings, load_embeddings, manifest_digest, read_manifest
+from hivlp.embeddings.format import (
+    batch_embeddings,
+    load_embeddings,
+    manifest_digest,
+    read_manifest,
+)
 from hivlp.errors import UsageError
-from hivlp.retrieval.inmemory import DEFAULT_COARSE_DIM, CoarseToFineEngine, SearchResult
+from hivlp.retrieval.inmemory import (
+    DEFAULT_COARSE_DIM,
+    CoarseToFineEngine,
+    SearchResult,
+)
 from hivlp.retrieval.milvus import KINDS, IndexInfo
 
 log = logging.getLogger(__name__)

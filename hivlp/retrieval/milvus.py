@@ -408,6 +408,8 @@ class MilvusDualIndex(SearchEngine):
     ) -> dict[str, Any]:
         from tqdm import tqdm
 
+        if batch_size < 1:  # before the index is read or touched
+            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         t0 = time.perf_counter()
         total = sum(wanted.expected.values())
         have = self.read_info()

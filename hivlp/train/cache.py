@@ -1,8 +1,10 @@
 """On-disk cache of the frozen trunk's outputs, so each epoch on CPU runs only the trainable part.
 
-A cache entry is keyed by its tower's trunk signature (tower name, frozen weights, trainable depth), the
-exact list of inputs (image paths or captions) and the tokenisation length: change any of them and a
-new entry is computed. Entries are safetensors files written atomically; nothing is unpickled.
+A cache entry is keyed by its tower's trunk signature (tower name, frozen weights, trainable depth, eval
+transform), the exact inputs (image paths with each file's size and mtime, or the captions' text), the
+augmentation settings and the tokenisation length: change any of them, including an image replaced in
+place under the same name, and a new entry is computed. Entries are safetensors files written under a
+unique temp name and renamed, so concurrent writers never see each other's half; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hivlp.data.datasets import ImageDataset
-from hivlp.data.images import load_image
-from hivlp.io import atomic_write_bytes
+from hivlp.data.images import files_fingerprint, load_image
+from hivlp.io import atomic_file
 from hivlp.model.towers import mirror_average
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,20 @@ def _key(*parts: object) -> str:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    path.with_name(path.name + ".partial").unlink(missing_ok=True)  # the fixed temp name of earlier versions
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor] | None:
+    """A cache entry, or None when there is none or it cannot be read (then it is computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error types for a damaged file
+        log.warning("feature cache entry %s is unreadable (%s); computing it again", path, e)
+        return None
 
 
 def _storage_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -98,12 +110,14 @@ def image_trunk_features(
     if flip_average and (views or model.image_tower.trainable_blocks):
         raise ValueError("flip_average caches pooled features of a fully frozen image tower, without views")
     aug = model.image_tower.transform(train=True) if views else None
-    key = (_key(sig, "image-views", views, seed, repr(aug), paths) if views
-           else _key(sig, "image-flip-average", paths) if flip_average else _key(sig, "image", paths))
+    files = files_fingerprint(paths)
+    key = (_key(sig, "image-views", views, seed, repr(aug), paths, files) if views
+           else _key(sig, "image-flip-average", paths, files) if flip_average else _key(sig, "image", paths, files))
     path = Path(cache_dir) / f"img-{key}.safetensors"
-    if path.is_file():
+    hit = _load(path)
+    if hit is not None:
         log.info("feature cache hit: %s (%d %s)", path, len(paths), desc)
-        return load_file(str(path))["features"]
+        return hit["features"]
     if views:
         ds: ImageDataset = _ViewDataset(paths, SeededTransform(aug, seed), views)
         desc = f"{desc} x{views} augmented views"
@@ -132,9 +146,9 @@ def text_trunk_features(
     """Trunk outputs for `captions`, padded to `max_tokens`, computed once and cached."""
     sig = model.trunk_signature("text")
     path = Path(cache_dir) / f"txt-{_key(sig, 'text', max_tokens, captions)}.safetensors"
-    if path.is_file():
+    d = _load(path)
+    if d is not None:
         log.info("feature cache hit: %s (%d %s)", path, len(captions), desc)
-        d = load_file(str(path))
         return TextFeatures(d["features"], d["mask"])
     tower = model.text_tower.eval()
     feats, masks = [], []

@@ -5,6 +5,11 @@ warmup + cosine, gradient clipping and accumulation; then validation R@K/AR per 
 split; the best checkpoint (by full-dimension val AR) is published at `out_dir`. The resume state
 (`out_dir/resume/`) makes an interrupted run continue exactly where it stopped.
 
+`out_dir` is checked before any work: a saved state (or a published checkpoint) of a run with another
+identity (config fields that change the result, the data's content, the init checkpoint) is refused,
+naming the differing fields; a finished run with the same identity is not run again. `resume=False`
+(`--no-resume`) starts afresh and replaces what is there.
+
 On CPU (or whenever `train.cache_features` is on) the frozen trunk of both towers runs once and is
 cached on disk; each epoch then runs only the trainable top. Without the cache (GPU), images are
 decoded and augmented every epoch and the towers run whole.
@@ -12,6 +17,7 @@ decoded and augmented every epoch and the towers run whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -27,17 +33,35 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from hivlp.config import RunConfig
+from hivlp.data.images import files_fingerprint
 from hivlp.data.karpathy import RetrievalSplit, load_split, read_pairs, retrieval_split
 from hivlp.errors import ConfigError
-from hivlp.io import atomic_write_json
+from hivlp.io import atomic_write_json, check_output_dir, remove_stale_temps
 from hivlp.losses import HierarchicalContrastiveLoss
 from hivlp.model import create_model
-from hivlp.model.checkpoint import CHECKPOINT_FILES, load_checkpoint, publish_checkpoint
+from hivlp.model.checkpoint import (
+    CHECKPOINT_FILES,
+    META,
+    load_checkpoint,
+    publish_checkpoint,
+    read_meta,
+    remove_interrupted_writes,
+)
 from hivlp.retrieval.evaluate import evaluate_embeddings, format_table
 from hivlp.tracking import RunTracker
 from hivlp.train import distributed as D
 from hivlp.train.cache import TextFeatures, image_trunk_features, text_trunk_features
-from hivlp.train.state import Position, has_state, load_state, save_state
+from hivlp.train.state import (
+    Position,
+    ResumeError,
+    has_state,
+    identity_diff,
+    load_state,
+    read_identity,
+    refuse_other_run,
+    run_identity,
+    save_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +76,7 @@ def load_train_data(cfg: RunConfig) -> RetrievalSplit:
     """The train split of every corpus in `data.datasets`, concatenated (image indices offset)."""
     parts = []
     for ds in cfg.data.datasets:
-        pairs = read_pairs(ds, cfg.data.image_root, cfg.data.train_split)
+        pairs = read_pairs(ds, cfg.data.image_root, cfg.data.train_split, cfg.data.allow_outside_root)
         if pairs.empty:
             raise ConfigError(f"data.datasets: {ds} has no captions in split {cfg.data.train_split!r}")
         parts.append(retrieval_split(pairs, cfg.data.limit_train_images))
@@ -74,7 +98,16 @@ def load_train_data(cfg: RunConfig) -> RetrievalSplit:
 
 def load_val_data(cfg: RunConfig) -> RetrievalSplit:
     ds = cfg.data.val_dataset or cfg.data.datasets[0]
-    return load_split(ds, cfg.data.val_split, cfg.data.image_root, cfg.data.limit_val_images)
+    return load_split(ds, cfg.data.val_split, cfg.data.image_root, cfg.data.limit_val_images,
+                      cfg.data.allow_outside_root)
+
+
+def data_fingerprint(data: RetrievalSplit) -> str:
+    """What a split trains or validates on, by content: image file names with each file's size and
+    mtime, captions, and which caption belongs to which image (not where the dataset lies)."""
+    h = hashlib.sha256(json.dumps([data.filenames, data.captions, data.text_to_image.tolist()]).encode())
+    h.update(files_fingerprint(data.image_paths, with_paths=False).encode())
+    return h.hexdigest()
 
 
 def epoch_order(data: RetrievalSplit, unit: str, seed: int, epoch: int) -> np.ndarray:
@@ -224,15 +257,17 @@ def run_recipe(
 def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, resume: bool = True) -> TrainResult:
     """Run a recipe. `init` (fine-tuning) is a checkpoint folder whose weights start the run."""
     t0 = time.time()
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "--out")
     info = D.init_distributed(cfg.train.device)
     device = info.device
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
     # Model: fresh (pre-training) or from a checkpoint (fine-tuning: its architecture, this run's depth).
+    init_sha = None
     if init is not None:
         model, init_cfg = load_checkpoint(init, device="cpu")
+        init_sha = read_meta(init)["weights_sha256"]
         cfg = replace(cfg, model=replace(
             init_cfg.model,
             image_trainable_blocks=cfg.model.image_trainable_blocks,
@@ -252,6 +287,45 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     train_data = load_train_data(cfg)
     val_data = load_val_data(cfg)
     use_cache = cfg.train.cache_features
+    identity = run_identity(cfg.flat(), **{
+        "data.train_fingerprint": data_fingerprint(train_data),
+        "data.val_fingerprint": data_fingerprint(val_data),
+        "init.weights_sha256": init_sha,
+    })
+
+    # What --out holds decides, before any work, whether this run resumes, is already done, or is refused.
+    resume_dir = out_dir / RESUME_DIR
+    opt = _optimizer(model, cfg)
+    pos = Position()
+    if info.is_main and out_dir.is_dir():
+        remove_interrupted_writes(out_dir)
+        removed = remove_stale_temps(out_dir, RESUME_DIR)
+        if removed:
+            log.info("removed %d temporary folder(s) of an interrupted save in %s", len(removed), out_dir)
+    if not resume:
+        if info.is_main and resume_dir.exists():
+            shutil.rmtree(resume_dir)  # --no-resume: this run replaces the saved one
+    elif has_state(resume_dir):
+        saved = read_identity(resume_dir)
+        if saved is None:
+            log.warning("%s was saved before runs recorded their config; resuming without checking it", resume_dir)
+        elif diffs := identity_diff(saved, identity):
+            raise refuse_other_run(out_dir, "the saved state of a run", diffs)
+        pos = load_state(resume_dir, model, opt)
+        log.info("resuming from %s: epoch %d, batch %d, step %d", resume_dir, pos.epoch, pos.batch, pos.step)
+    elif (out_dir / META).is_file():
+        saved = read_meta(out_dir).get("run_identity")
+        if isinstance(saved, dict) and (diffs := identity_diff(saved, identity)):
+            raise refuse_other_run(out_dir, "the checkpoint of a run", diffs)
+    history: list[dict] = _read_history(out_dir) if pos.step else []
+    t = cfg.train
+    if pos.step and (pos.epoch >= t.epochs or (t.max_steps is not None and pos.step >= t.max_steps)):
+        # The same run, already done: report it and leave everything (checkpoint, MLflow) as it is.
+        log.info("%s: this run is already finished (epoch %d, step %d); nothing to do "
+                 "(pass --no-resume to train it again from scratch)", out_dir, pos.epoch, pos.step)
+        run_id = read_meta(out_dir).get("mlflow_run_id") if (out_dir / META).is_file() else None
+        D.shutdown(info)
+        return TrainResult(out_dir, pos.best_metric, pos.best_epoch, history, time.time() - t0, run_id, [])
 
     # Feature cache: rank 0 computes, the others wait and read it.
     train_cache = val_cache = None
@@ -262,7 +336,6 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         if not info.is_main:
             train_cache, val_cache = _build_caches(model, cfg, train_data, val_data, device)
 
-    opt = _optimizer(model, cfg)
     loss_fn = HierarchicalContrastiveLoss(
         model.levels, cfg.loss.level_weights, cfg.loss.hard_negative_weight, cfg.loss.hard_negative_margin,
         cfg.loss.distill_weight, cfg.loss.hard_negative_levels,
@@ -271,7 +344,6 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     if info.enabled:
         step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    t = cfg.train
     n_pairs = len(epoch_order(train_data, t.epoch_unit, t.seed, 0))
     # Each rank embeds its slice of every global batch of t.batch_size pairs; the loss is taken over the
     # whole global batch (see _micro_step), so N processes train the objective of one.
@@ -280,12 +352,6 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     total_steps = steps_per_epoch * t.epochs
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    resume_dir = out_dir / RESUME_DIR
-    pos = Position()
-    if resume and has_state(resume_dir):
-        pos = load_state(resume_dir, model, opt)
-        log.info("resuming from %s: epoch %d, batch %d, step %d", resume_dir, pos.epoch, pos.batch, pos.step)
-    history: list[dict] = _read_history(out_dir) if pos.step else []
 
     amp = t.amp and device.type == "cuda"
     train_transform = None if use_cache else model.image_tower.transform(train=True)
@@ -327,20 +393,20 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
                         tracker.log_metrics({**losses, "lr": opt.param_groups[0]["lr"], **temps}, step=pos.step)
                         bar.set_postfix(loss=f"{losses['loss']:.3f}", T=f"{1 / scales[-1]:.3f}")
                     if t.save_every_steps and pos.step % t.save_every_steps == 0 and info.is_main:
-                        save_state(resume_dir, model, opt, pos)
+                        save_state(resume_dir, model, opt, pos, identity)
                     if t.max_steps is not None and pos.step >= t.max_steps:
                         stopped = True
                         break
                 bar.close()
                 if pos.batch >= batches_per_epoch:
-                    _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, pos, history, t0)
+                    _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, pos, history, t0, identity)
                     pos.epoch += 1
                     pos.batch = 0
                 if info.is_main:
-                    save_state(resume_dir, model, opt, pos)
+                    save_state(resume_dir, model, opt, pos, identity)
         except KeyboardInterrupt:
             if info.is_main:
-                save_state(resume_dir, model, opt, pos)
+                save_state(resume_dir, model, opt, pos, identity)
                 log.warning("interrupted: resume state saved at %s (step %d); re-run the same command to continue",
                             resume_dir, pos.step)
             raise
@@ -348,7 +414,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         if info.is_main and pos.best_epoch < 0:
             # Stopped before any epoch ended (max_steps): still publish what there is, validated.
             metrics = val_metrics(model, cfg, val_data, val_cache, device)
-            publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
+            publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos, identity))
             pos.best_metric = metrics["full"]["r_mean"]
         if info.is_main and cfg.tracking.log_checkpoint:
             _log_checkpoint(tracker, out_dir)
@@ -360,8 +426,9 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     return TrainResult(out_dir, pos.best_metric, pos.best_epoch, history, time.time() - t0, run_id, step_losses)
 
 
-def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position) -> dict:
-    return {"mlflow_run_id": tracker.run_id, "recipe": cfg.recipe, "epoch": pos.epoch + 1, "step": pos.step}
+def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position, identity: dict) -> dict:
+    return {"mlflow_run_id": tracker.run_id, "recipe": cfg.recipe, "epoch": pos.epoch + 1, "step": pos.step,
+            "run_identity": identity}
 
 
 def _log_checkpoint(tracker: RunTracker, out_dir: Path) -> None:
@@ -447,10 +514,19 @@ def _micro_step(step_module, model, loss_fn, global_batch, info, data, cache, tr
 
 def _read_history(out_dir: Path) -> list[dict]:
     p = out_dir / "history.json"
-    return json.loads(p.read_text()) if p.is_file() else []
+    if not p.is_file():
+        return []
+    try:
+        history = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ResumeError(f"{p}: unreadable ({type(e).__name__}); pass --no-resume to start afresh") from None
+    if not isinstance(history, list):
+        raise ResumeError(f"{p}: expected a list of epochs; pass --no-resume to start afresh")
+    return history
 
 
-def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, pos: Position, history, t0) -> None:
+def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, pos: Position, history, t0,
+               identity: dict) -> None:
     if not info.is_main:
         D.barrier(info)
         return
@@ -463,7 +539,7 @@ def _end_epoch(model, cfg, val_data, val_cache, device, info, tracker, out_dir, 
     improved = r_mean > pos.best_metric
     if improved:
         pos.best_metric, pos.best_epoch = r_mean, pos.epoch + 1
-        publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos))
+        publish_checkpoint(model, cfg, out_dir, metrics, _provenance(tracker, cfg, pos, identity))
     atomic_write_json(out_dir / "history.json", history)
     log.info("epoch %d val (%s):\n%s", pos.epoch + 1, "new best" if improved else f"best {pos.best_metric:.2f}",
              format_table(metrics))
