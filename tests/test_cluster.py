@@ -1,5 +1,5 @@
-"""Training across nodes (`hivlp.train.cluster`): the PyTorchJob built for 2 workers, what the Kubeflow
-Training SDK sends for it, and the launcher's wait / copy / failure path.
+"""Training across nodes (`hivlp.train.cluster`, the pipeline's `train_workers` > 1): the PyTorchJob built
+for 2 workers, what the Kubeflow Training SDK sends for it, and the launcher's wait / copy / failure path.
 
 No Kubernetes API server or Training Operator runs here, so they are the one fake: `LocalOperator`
 takes the job the launcher creates and runs its replicas as local processes with the environment the
@@ -185,39 +185,52 @@ class LocalOperator:
 
 
 @pytest.mark.slow
-def test_pytorchjob_trains_on_two_pods_and_the_checkpoint_comes_back(tmp_path, flickr8k_raw):
-    """train_on_cluster with 2 workers: the job's own command runs as Master + Worker (gloo), rank 0
-    publishes the checkpoint on the shared volume, the launcher copies it out and removes the job's folder.
-    The MLflow run records world size 2; a secret reached the pods (the username tag of the run)."""
+def test_pretrain_component_with_two_workers_trains_on_two_pods(tmp_path, flickr8k_raw, monkeypatch):
+    """The pipeline's pretrain component with train_workers=2, in the environment its pod has (image and
+    namespace env, the data volume at data_mount): it launches the job, the job's own command runs as
+    Master + Worker (gloo), rank 0 publishes the checkpoint on the volume, and the component's Model
+    artifact is that checkpoint. The MLflow run records world size 2."""
+    import kubeflow.training
+    from kfp import dsl
     from mlflow import MlflowClient
 
+    from components.train import pretrain
     from hivlp.model.checkpoint import verify_checkpoint
 
     volume = tmp_path / "volume"  # the data PVC, mounted at the same path in the launcher and every pod
     data = write_slice(flickr8k_raw, volume / "data", n_train=16, n_val=8)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     operator = LocalOperator({"hivlp-mlflow": {"username": "kfp-bot"}}, tmp_path)
-    spec = _spec(volume, env={"MLFLOW_TRACKING_URI": store})
-    tiny = ["train.epochs=1", "train.batch_size=32", "train.num_workers=0", "model.text_trainable_layers=0",
+    monkeypatch.setattr(kubeflow.training, "TrainingClient", lambda namespace: operator)
+    monkeypatch.setenv("HIVLP_IMAGE", "registry.local/hivlp:dev")  # what the pipeline sets on the task
+    monkeypatch.setenv("POD_NAMESPACE", "team-a")
+    tiny = ["train.batch_size=32", "train.num_workers=0", "model.text_trainable_layers=0",
             f"tracking.artifact_location={(tmp_path / 'mlartifacts').as_uri()}", "tracking.system_metrics=false"]
-    result = train_on_cluster("pretrain", tmp_path / "model", spec, str(REPO / "configs" / "pretrain.yaml"),
-                              [str(data)], overrides=tiny, client=operator)
+    model, metrics = dsl.Model(uri=str(tmp_path / "model")), dsl.Metrics(uri=str(tmp_path / "metrics"))
+    run_id, best = pretrain.python_func(
+        dataset_json=str(data), data_digest="d" * 64, model=model, metrics=metrics, config_dir=str(REPO / "configs"),
+        epochs=1, overrides=tiny, mlflow_tracking_uri=store, train_workers=2, worker_cpu="1", worker_memory="4G",
+        data_pvc="hivlp-data", data_mount=str(volume), secret_env={k: list(v) for k, v in SECRET_ENV.items()},
+    )
 
     logs = "\n".join(f"--- {n}\n{log.read_text()[-2000:]}" for n, _, log in operator.procs)
     assert [p.returncode for _, p, _ in operator.procs] == [0, 0], logs
     (job,) = operator.created
     name = job["metadata"]["name"]
-    assert name.startswith("hivlp-pretrain-")
-    args = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--out") + 1] == str(volume / "runs" / name / "pretrain")
+    assert name.startswith("hivlp-pretrain-") and job["metadata"]["namespace"] == "team-a"
+    assert job["metadata"]["labels"]["hivlp/data-digest"] == "d" * 16
+    (c,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert c["image"] == "registry.local/hivlp:dev"
+    assert c["args"][c["args"].index("--out") + 1] == str(volume / "runs" / name / "pretrain")
+    assert c["volumeMounts"][0]["mountPath"] == str(volume)
 
-    verify_checkpoint(tmp_path / "model")
+    verify_checkpoint(model.path)
     meta = json.loads((tmp_path / "model" / "meta.json").read_text())
-    assert result.run_id == meta["mlflow_run_id"] and result.best_metric == meta["metrics"]["full"]["r_mean"]
-    assert result.best_epoch == 1 and len(result.history) == 1  # history.json came along
-    assert not (tmp_path / "model" / "resume").exists()
+    assert run_id == meta["mlflow_run_id"] and best == meta["metrics"]["full"]["r_mean"]
+    assert model.metadata["train_workers"] == 2 and metrics.metadata["best_val_r_mean"] == best
+    assert (tmp_path / "model" / "history.json").is_file() and not (tmp_path / "model" / "resume").exists()
     assert not (volume / "runs" / name).exists()  # the job's folder is removed once the model is out
-    run = MlflowClient(tracking_uri=store).get_run(result.run_id)
+    run = MlflowClient(tracking_uri=store).get_run(run_id)
     assert run.data.tags["hivlp.world_size"] == "2"
     # The secretKeyRef became the pods' environment; the optional secret that does not exist did not.
     assert [e.get("MLFLOW_TRACKING_USERNAME") for e in operator.envs] == ["kfp-bot", "kfp-bot"]
