@@ -23,7 +23,7 @@ lock:  ## re-freeze requirements/lock.txt from the current .venv
 	{ echo "# Exact versions of everything in .venv (pip freeze --all); regenerate with: make lock"; \
 	  $(BIN)/pip freeze --all --exclude-editable | grep -vE '^(-e|pip==|hivlp)'; } > requirements/lock.txt
 
-pipeline: setup  ## recompile pipelines/hivlp.yaml from pipelines/hivlp_pipeline.py
+pipeline: setup  ## recompile pipelines/hivlp.yaml and pipelines/hivlp-from-uri.yaml from pipelines/hivlp_pipeline.py
 	$(BIN)/python -m pipelines.hivlp_pipeline
 
 bench: setup  ## retrieval benchmark up to 1M candidates (writes bench/results/)

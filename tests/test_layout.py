@@ -12,7 +12,7 @@ PACKAGE = REPO / "hivlp"
 FLOORS = [
     ["hivlp/__init__.py", "hivlp/errors.py", "hivlp/io.py", "hivlp/device.py", "hivlp/losses.py",
      "hivlp/redact.py"],
-    ["hivlp/config.py", "hivlp/data/"],
+    ["hivlp/config.py", "hivlp/data/", "hivlp/pages.py"],
     ["hivlp/tracking.py", "hivlp/model/"],
     ["hivlp/registry.py", "hivlp/embeddings/"],
     ["hivlp/retrieval/"],

@@ -532,3 +532,74 @@ def format_summary(report: ValidationReport, max_examples: int = 5) -> str:
             lines.append(f"  fix: {group[0].hint}")
     lines.append("OK" if report.ok else "FAILED")
     return "\n".join(lines)
+
+
+def format_html(report: ValidationReport, max_examples: int = 20) -> str:
+    """The report as a standalone HTML page (what the Kubeflow run page shows for `validate`): the
+    verdict, counts per split, every great-expectations result, and the problems grouped by kind with
+    examples and the fix. Built from the same report as `format_summary` and the JSON file."""
+    from hivlp.pages import esc, html_page, html_table
+
+    c, ge = report.counts, report.expectations
+    verdict = ('<p class="ok">OK: no errors</p>' if report.ok else
+               f'<p class="bad">FAILED: {len(report.errors)} error(s)</p>')
+    scope = f", split {report.split}" if report.split else ""
+    parts = [
+        verdict,
+        f'<p class="muted">{esc(report.json_path)}{esc(scope)}; images from {esc(report.image_root)}</p>',
+        "<h2>Counts</h2>",
+        html_table(["split", "images", "captions"],
+                   [(s, n, c["captions_per_split"].get(s, 0)) for s, n in c["images_per_split"].items()]
+                   + [("all", c["images"], c["captions"])]),
+        f"<p>{c['image_files_checked']} image files opened and fully decoded; "
+        f"{len(report.warnings)} warning(s).</p>",
+        "<h2>Expectations (great-expectations)</h2>",
+        f"<p>{ge['evaluated_expectations']} evaluated, {ge['successful_expectations']} successful, "
+        f"{ge['unsuccessful_expectations']} unsuccessful ({ge['success_percent']:.1f}%).</p>",
+        html_table(
+            ["result", "rule", "table", "expectation", "column", "severity", "rows", "unexpected"],
+            [('<span class="ok">pass</span>' if r["success"] else
+              f'<span class="{"bad" if r["severity"] == ERROR else "warn"}">fail</span>',
+              r["rule"], r["table"], r["type"], r["column"] or "", r["severity"],
+              r["element_count"] if r["element_count"] is not None else "", r["unexpected_count"] or 0)
+             for r in ge.get("results", [])],
+            raw_columns=(0,),
+        ),
+        "<h2>Problems</h2>",
+    ]
+    if not report.problems:
+        parts.append("<p>No problems found.</p>")
+    by_kind: dict[str, list[Problem]] = {}
+    for p in report.problems:
+        by_kind.setdefault(p.kind, []).append(p)
+    for kind, group in by_kind.items():
+        cls = "bad" if group[0].severity == ERROR else "warn"
+        parts.append(f'<h3><span class="{cls}">{esc(group[0].severity.upper())}</span> {esc(kind)}: {len(group)}</h3>')
+        parts.append(f"<p>Fix: {esc(group[0].hint)}</p>")
+        parts.append(html_table(["entry", "filename", "imgid", "sentid", "problem"],
+                                [(p.entry, p.filename, p.imgid, "" if p.sentid is None else p.sentid, p.message)
+                                 for p in group[:max_examples]]))
+        if len(group) > max_examples:
+            parts.append(f'<p class="muted">... and {len(group) - max_examples} more (see the JSON report)</p>')
+    lim = report.limits
+    parts += [
+        "<h2>Limits</h2>",
+        html_table(["limit", "value"], [("allowed splits", ", ".join(lim.allowed_splits)),
+                                        ("words per caption", f"{lim.min_words}-{lim.max_words}"),
+                                        ("characters per caption", lim.max_chars),
+                                        ("captions per image", lim.captions_per_image)]),
+    ]
+    return html_page(f"Dataset validation: {report.dataset}", "\n".join(parts))
+
+
+def require_valid(report: dict[str, Any], where: str) -> None:
+    """Raise DatasetError, one line naming the error kinds and counts, when a report (`to_dict`) has errors.
+
+    Separate from `validate_dataset` so a pipeline can publish the report first and fail after it: a
+    task that fails publishes no artifacts on Kubeflow, and the report is what says what to fix."""
+    if report.get("ok"):
+        return
+    kinds = ", ".join(f"{k} x{v['count']}" for k, v in report.get("problem_counts", {}).items()
+                      if v.get("severity") == ERROR)
+    raise DatasetError(f"{where}: {report.get('n_errors', '?')} validation error(s) ({kinds}); "
+                       "see the validate task's report page for each entry and its fix")

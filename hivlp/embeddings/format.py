@@ -311,6 +311,26 @@ def shard_done(out_dir: Path, shard: tuple[int, int], source: dict) -> Path | No
     return parquet
 
 
+def gather_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """One export folder from the folders of parallel shard tasks (each holds its own shard files):
+    links every `shard-*-of-*` Parquet file and manifest part into `out_dir` (no copy) and returns it.
+
+    Two folders holding the same shard file is an error naming both: that is two exports mixed.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, Path] = {}
+    for d in shard_dirs:
+        for f in sorted(Path(d).glob("shard-*-of-*.*")):
+            if f.name in seen:
+                raise UsageError(f"{f.name} is in both {seen[f.name].parent} and {d}; gather the shards of one export")
+            seen[f.name] = f
+            os.symlink(f.resolve(), out / f.name)
+    if not seen:
+        raise UsageError(f"no shard files (shard-*-of-*.parquet) in {[str(d) for d in shard_dirs]}")
+    return out
+
+
 def iter_shard_batches(
     embeddings_dir: str | Path,
     batch_size: int = 4096,

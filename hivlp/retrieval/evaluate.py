@@ -195,8 +195,8 @@ def evaluate_checkpoint(
     return metrics
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """A per-level table: rows dim_<d> (ascending) then full and coarse-to-fine; recall columns."""
+def _table_rows(metrics: dict[str, Any]) -> list[tuple[str, dict]]:
+    """The rows of a metrics table, in order: dim_<d> (ascending), full, coarse-to-fine (and Milvus)."""
     rows: list[tuple[str, dict]] = []
     dim = metrics.get("counts", {}).get("dim")
     levels = sorted(int(key[4:]) for key in metrics if key.startswith("dim_"))
@@ -208,8 +208,45 @@ def format_table(metrics: dict[str, Any]) -> str:
             m = metrics[key]
             detail = f" {m.get('coarse_dim')}->{dim or 'D'} K={m.get('shortlist')}"
             rows.append((label + detail + (f" {m['codes']}" if "codes" in m else ""), m))
+    return rows
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A per-level table: rows dim_<d> (ascending) then full and coarse-to-fine; recall columns."""
+    rows = _table_rows(metrics)
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"{'level':<{width}}  " + " ".join(f"{k:>7}" for k in RECALL_KEYS)]
     for label, m in rows:
         lines.append(f"{label:<{width}}  " + " ".join(f"{m[k]:7.2f}" for k in RECALL_KEYS))
     return "\n".join(lines)
+
+
+def format_markdown(metrics: dict[str, Any], min_r_mean: float | None = None) -> str:
+    """The same per-level R@K table as Markdown (what the Kubeflow run page shows for `evaluate`), with
+    where the numbers come from and, given the pipeline's floor `min_r_mean`, the floor's decision."""
+    from hivlp.pages import markdown_table
+
+    src = metrics.get("source", {})
+    counts = metrics.get("counts", {})
+    lines = [
+        f"# Evaluation: split `{src.get('split', '?')}`",
+        "",
+        f"{counts.get('images', '?')} images, {counts.get('texts', '?')} captions; recall in percent "
+        "(txt = image-to-text, img = text-to-image; r_mean = AR, the mean of the six).",
+        "",
+        markdown_table(["level", *RECALL_KEYS], [[label, *(float(m[k]) for k in RECALL_KEYS)]
+                                                 for label, m in _table_rows(metrics)]),
+        "",
+    ]
+    if src:
+        lines += [f"Checkpoint weights sha256 `{str(src.get('weights_sha256', ''))[:16]}`, "
+                  f"dataset `{Path(str(src.get('dataset', ''))).name}`.", ""]
+    if min_r_mean is not None and "full" in metrics:
+        ar = float(metrics["full"]["r_mean"])
+        if ar >= min_r_mean:
+            lines.append(f"**Gate: AR {ar:.2f} >= floor {min_r_mean:.2f}: passes the floor; the registry gate "
+                         "(promote) decides against the champion.**")
+        else:
+            lines.append(f"**Gate: AR {ar:.2f} < floor {min_r_mean:.2f}: not promoted (promote, export and "
+                         "index are skipped).**")
+    return "\n".join(lines) + "\n"
