@@ -39,8 +39,8 @@ from kfp import compiler, dsl, kubernetes
 from components import (
     evaluate,
     export_shard,
-    fingerprint_dataset,
     finetune,
+    fingerprint_dataset,
     index_embeddings,
     pretrain,
     promote,

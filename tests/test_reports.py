@@ -14,7 +14,13 @@ import pytest
 from PIL import Image
 
 from hivlp.data.validate import format_html, require_valid, validate_dataset
-from hivlp.embeddings.format import ShardRows, embeddings_table, gather_shards, read_manifest, write_shard
+from hivlp.embeddings.format import (
+    ShardRows,
+    embeddings_table,
+    gather_shards,
+    read_manifest,
+    write_shard,
+)
 from hivlp.errors import DatasetError, UsageError
 from hivlp.pages import markdown_record, markdown_table, md_cell, thumbnail_data_uri
 from hivlp.retrieval.evaluate import evaluate_embeddings, format_markdown, format_table
