@@ -78,6 +78,18 @@ class LossConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Distillation from a big text tower: the student's caption embeddings (every level) are pulled
+    towards the teacher's caption-to-caption similarities (hivlp.losses.caption_distillation). The
+    teacher's features are computed once per caption set and cached by content (train.cache_dir)."""
+
+    text_tower: str | None = None  # e.g. "package-mpnet"; None = no teacher
+    features: str | None = None  # or a file of teacher caption features (a copied tch-*.safetensors cache entry)
+    weight: float = 1.0
+    temperature: float = 0.05
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 256
@@ -123,6 +135,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -325,6 +338,7 @@ _LOWER_BOUNDS: list[tuple[str, str, float]] = [
     ("model", "head_hidden", 1),
     ("loss", "hard_negative_weight", 0),
     ("loss", "distill_weight", 0),
+    ("teacher", "weight", 0),
     ("train", "epochs", 1),
     ("train", "batch_size", 1),
     ("train", "grad_accum", 1),
@@ -390,6 +404,12 @@ def check_config(cfg: RunConfig, check_files: bool = True) -> None:
         raise ConfigError(f"train.epoch_unit: expected 'caption' or 'image', got {t.epoch_unit!r}")
     if t.eval_coarse_dim not in lv:
         raise ConfigError(f"train.eval_coarse_dim: {t.eval_coarse_dim} is not one of model.levels {lv}")
+    if cfg.teacher.temperature <= 0:
+        raise ConfigError(f"teacher.temperature: must be > 0, got {cfg.teacher.temperature}")
+    if cfg.teacher.text_tower and cfg.teacher.features:
+        raise ConfigError("teacher: give either teacher.text_tower or teacher.features, not both")
+    if check_files and cfg.teacher.features and not Path(cfg.teacher.features).is_file():
+        raise ConfigError(f"teacher.features: file {cfg.teacher.features} not found")
     if t.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
     if not cfg.data.datasets:
