@@ -51,7 +51,6 @@ from hivlp.retrieval.evaluate import evaluate_embeddings, format_table
 from hivlp.tracking import RunTracker
 from hivlp.train import distributed as D
 from hivlp.train.cache import TextFeatures, image_trunk_features, text_trunk_features
-from hivlp.train.teacher import teacher_caption_features
 from hivlp.train.state import (
     Position,
     ResumeError,
@@ -63,6 +62,7 @@ from hivlp.train.state import (
     run_identity,
     save_state,
 )
+from hivlp.train.teacher import teacher_caption_features
 
 log = logging.getLogger(__name__)
 
