@@ -179,3 +179,12 @@ def test_teacher_distillation_enters_the_loss(slice_json, cache_dir, tmp_path):
     stamp = entries[0].stat().st_mtime_ns
     train(_cfg(slice_json, cache_dir, "train.max_steps=1", "teacher.text_tower=package"), tmp_path / "again")
     assert entries[0].stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+def test_identity_leaves_out_an_unused_teacher(slice_json, cache_dir):
+    """Runs saved before the teacher section existed keep their identity; a teacher is part of it."""
+    from hivlp.train.trainer import identity_fields
+
+    assert not any(k.startswith("teacher.") for k in identity_fields(_cfg(slice_json, cache_dir)))
+    taught = identity_fields(_cfg(slice_json, cache_dir, "teacher.text_tower=package-mpnet"))
+    assert taught["teacher.text_tower"] == "package-mpnet" and taught["teacher.weight"] == 1.0

@@ -288,7 +288,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     train_data = load_train_data(cfg)
     val_data = load_val_data(cfg)
     use_cache = cfg.train.cache_features
-    identity = run_identity(cfg.flat(), **{
+    identity = run_identity(identity_fields(cfg), **{
         "data.train_fingerprint": data_fingerprint(train_data),
         "data.val_fingerprint": data_fingerprint(val_data),
         "init.weights_sha256": init_sha,
@@ -437,6 +437,15 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     run_id = tracker.run_id
     D.shutdown(info)
     return TrainResult(out_dir, pos.best_metric, pos.best_epoch, history, time.time() - t0, run_id, step_losses)
+
+
+def identity_fields(cfg: RunConfig) -> dict:
+    """The flat config a run's identity is built from. Without a teacher the `teacher.*` fields are left
+    out, so runs saved before the teacher section existed keep their identity (resume, not-run-again)."""
+    flat = cfg.flat()
+    if not (cfg.teacher.text_tower or cfg.teacher.features):
+        flat = {k: v for k, v in flat.items() if not k.startswith("teacher.")}
+    return flat
 
 
 def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position, identity: dict) -> dict:
