@@ -141,3 +141,28 @@ def test_teacher_features_are_computed_once_and_keyed_by_content(tmp_path):
         teacher_caption_features(shipped, CAPTIONS[:2], tmp_path, device, max_tokens=32)
     assert teacher_caption_features(TeacherConfig(), CAPTIONS, tmp_path, device, 32) is None
     assert captions_digest(CAPTIONS) != captions_digest(CAPTIONS[::-1])
+
+
+def test_bench_text_writes_per_tower_rows(slice_json, tmp_path, capsys):
+    import json
+
+    from hivlp.cli import main
+
+    out = tmp_path / "text.json"
+    rc = main(["bench", "text", "--dataset", str(slice_json), "--towers", "package,package-mpnet", "--repeats", "3",
+               "--batch", "8", "--batches", "1", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {r["tower"]: r for r in result["rows"]}
+    assert set(rows) == {"package", "package-mpnet"} and result["captions"] == 160  # 32 val images x 5
+    assert rows["package"]["dim"] == 384 and rows["package-mpnet"]["dim"] == 768
+    assert rows["package-mpnet"]["params_m"] > 4 * rows["package"]["params_m"]
+    for r in rows.values():
+        assert r["single_ms_median"] > 0 and r["batched_ms_per_caption_median"] > 0
+    assert rows["package"]["single_vs_first"] == 1.0
+    capsys.readouterr()
+    assert main(["bench", "text", "--dataset", str(slice_json), "--towers", "package-bert", "--out",
+                 str(tmp_path / "bad.json")]) != 0
+    err = capsys.readouterr().err
+    assert "model.text_tower: unknown packaged tower 'package-bert'" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.json").exists()
