@@ -47,7 +47,7 @@ class ModelConfig:
     image_tower: str | None = None  # timm model name
     image_weights: str | None = None  # "package", "hub", "none" or a local file path
     image_size: int | None = None  # input resolution; None = the tower's own (timm data config)
-    text_tower: str | None = None  # transformers name or local folder ("package" = bundled MiniLM)
+    text_tower: str | None = None  # "package" (MiniLM), "package-mpnet" (MPNet), a local folder or a cached hub name
     embed_dim: int = 512
     levels: list[int] = field(default_factory=lambda: list(DEFAULT_LEVELS))
     head: str = "linear"  # "linear" or "mlp"
