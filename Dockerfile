@@ -18,6 +18,7 @@ RUN apt-get update \
 WORKDIR /app
 # Dependencies first (cached layer): only the lock and the set-up script.
 COPY requirements/lock.txt requirements/lock.txt
+COPY requirements/models.txt requirements/models.txt
 COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/install_browser.sh scripts/
 COPY hivlp/ hivlp/

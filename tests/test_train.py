@@ -165,3 +165,26 @@ def test_augmented_views_are_cached_reproducibly(slice_json, tmp_path):
     assert not torch.allclose(views[0], views[1]) and not torch.allclose(views[0], plain)
     other_seed = image_trunk_features(model, paths, tmp_path / "a", cpu, num_workers=0, views=3, seed=8)
     assert not torch.allclose(other_seed, views)
+
+
+def test_teacher_distillation_enters_the_loss(slice_json, cache_dir, tmp_path):
+    """teacher.text_tower: its caption features are computed once into the cache and add a positive term
+    to the training loss (MiniLM stands in for the big teacher to keep the test small)."""
+    plain = train(_cfg(slice_json, cache_dir, "train.max_steps=2"), tmp_path / "plain")
+    taught = train(_cfg(slice_json, cache_dir, "train.max_steps=2", "teacher.text_tower=package",
+                        "teacher.weight=2.0"), tmp_path / "taught")
+    entries = list(cache_dir.glob("tch-*.safetensors"))
+    assert len(entries) == 1
+    assert taught.step_losses[0] > plain.step_losses[0] + 1e-3  # same start, plus the teacher term
+    stamp = entries[0].stat().st_mtime_ns
+    train(_cfg(slice_json, cache_dir, "train.max_steps=1", "teacher.text_tower=package"), tmp_path / "again")
+    assert entries[0].stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+def test_identity_leaves_out_an_unused_teacher(slice_json, cache_dir):
+    """Runs saved before the teacher section existed keep their identity; a teacher is part of it."""
+    from hivlp.train.trainer import identity_fields
+
+    assert not any(k.startswith("teacher.") for k in identity_fields(_cfg(slice_json, cache_dir)))
+    taught = identity_fields(_cfg(slice_json, cache_dir, "teacher.text_tower=package-mpnet"))
+    assert taught["teacher.text_tower"] == "package-mpnet" and taught["teacher.weight"] == 1.0

@@ -1,6 +1,7 @@
 """`hivlp bench`: measured benchmarks. `hivlp bench retrieval`: exact vs coarse-to-fine search as the
 gallery grows (latency single and batched, bytes per item, true-image recall, agreement with exact).
-`hivlp bench serve`: a load test of `hivlp serve` on loopback (latency percentiles, errors)."""
+`hivlp bench serve`: a load test of `hivlp serve` on loopback (latency percentiles, errors).
+`hivlp bench text`: ms per caption through each text tower (single and batched)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_g.add_argument("--seed", type=int, default=0, help="query sample and distractor seed (default: %(default)s)")
     r.set_defaults(func=run_retrieval)
     register_serve(sub)
+    register_text(sub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -187,4 +189,45 @@ def run_serve(args: argparse.Namespace) -> int:
     out = write_results(result, Path(args.out))
     print(format_rows(result))
     print(f"wrote {out}")
+    return 0
+
+
+def register_text(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "text", help="ms per caption through each text tower (single and batched); JSON",
+        description="Query-time caption encoding cost of the text towers on real val captions: tokenise + "
+                    "forward + mean pooling, one caption per call and in batches, towers interleaved.",
+    )
+    t.add_argument("--out", default="bench/results/text.json", help="results JSON (default: %(default)s)")
+    t.add_argument("--towers", default="package,package-mpnet",
+                   help="comma-separated text towers; the first is the baseline of the ratios (default: %(default)s)")
+    t.add_argument("--dataset", default=DEFAULT_DATASET, help="Karpathy-format JSON (default: %(default)s)")
+    t.add_argument("--split", default="val", help="split the captions come from (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    t.add_argument("--repeats", type=int, default=50, help="single-caption calls per tower (default: %(default)s)")
+    t.add_argument("--batch", type=int, default=64, help="captions per batch (default: %(default)s)")
+    t.add_argument("--batches", type=int, default=4, help="batches per tower (default: %(default)s)")
+    t.add_argument("--max-tokens", type=int, default=40, help="tokenisation limit (default: %(default)s)")
+    t.set_defaults(func=run_text)
+
+
+def run_text(args: argparse.Namespace) -> int:
+    from hivlp.bench.text import TextBenchConfig, format_text_rows, run_text_bench
+    from hivlp.data.karpathy import read_pairs
+    from hivlp.io import atomic_write_json, check_output_file
+
+    for name in ("threads", "repeats", "batch", "batches", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    towers = tuple(x.strip() for x in args.towers.split(",") if x.strip())
+    if not towers:
+        raise UsageError("--towers: give at least one text tower")
+    check_output_file(args.out, "--out")
+    captions = list(read_pairs(args.dataset, None, args.split)["caption"])
+    cfg = TextBenchConfig(towers, args.threads, args.repeats, args.batch, args.batches, args.max_tokens)
+    result = run_text_bench(captions, cfg)
+    result["dataset"] = str(args.dataset)
+    atomic_write_json(args.out, result)
+    print(format_text_rows(result))
+    print(f"written: {args.out}")
     return 0

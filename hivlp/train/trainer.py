@@ -62,6 +62,7 @@ from hivlp.train.state import (
     run_identity,
     save_state,
 )
+from hivlp.train.teacher import teacher_caption_features
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     train_data = load_train_data(cfg)
     val_data = load_val_data(cfg)
     use_cache = cfg.train.cache_features
-    identity = run_identity(cfg.flat(), **{
+    identity = run_identity(identity_fields(cfg), **{
         "data.train_fingerprint": data_fingerprint(train_data),
         "data.val_fingerprint": data_fingerprint(val_data),
         "init.weights_sha256": init_sha,
@@ -336,9 +337,21 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
         if not info.is_main:
             train_cache, val_cache = _build_caches(model, cfg, train_data, val_data, device)
 
+    # Teacher caption features (distillation): computed once and cached by content, like the trunk cache.
+    # Rank 0 computes, the others wait and read the cache entry.
+    def _teacher():
+        return teacher_caption_features(cfg.teacher, train_data.captions, t.cache_dir, device, cfg.data.max_text_tokens)
+
+    teacher = _teacher() if info.is_main else None
+    D.barrier(info)
+    if not info.is_main:
+        teacher = _teacher()
+    if teacher is not None and len(teacher) != len(train_data.captions):
+        raise ConfigError(f"teacher.features: {len(teacher)} rows for {len(train_data.captions)} train captions")
     loss_fn = HierarchicalContrastiveLoss(
         model.levels, cfg.loss.level_weights, cfg.loss.hard_negative_weight, cfg.loss.hard_negative_margin,
         cfg.loss.distill_weight, cfg.loss.hard_negative_levels,
+        cfg.teacher.weight if teacher is not None else 0.0, cfg.teacher.temperature,
     )
     step_module: nn.Module = _Step(model)
     if info.enabled:
@@ -372,7 +385,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
                 for b_idx, global_batch in bar:
                     losses = _micro_step(step_module, model, loss_fn, global_batch, info, train_data, train_cache,
                                          train_transform, cfg.data.max_text_tokens, device, amp, t.grad_accum,
-                                         views)
+                                         views, teacher)
                     pos.batch = b_idx + 1
                     end_of_epoch = pos.batch == batches_per_epoch
                     if pos.batch % t.grad_accum and not end_of_epoch:
@@ -426,6 +439,15 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     return TrainResult(out_dir, pos.best_metric, pos.best_epoch, history, time.time() - t0, run_id, step_losses)
 
 
+def identity_fields(cfg: RunConfig) -> dict:
+    """The flat config a run's identity is built from. Without a teacher the `teacher.*` fields are left
+    out, so runs saved before the teacher section existed keep their identity (resume, not-run-again)."""
+    flat = cfg.flat()
+    if not (cfg.teacher.text_tower or cfg.teacher.features):
+        flat = {k: v for k, v in flat.items() if not k.startswith("teacher.")}
+    return flat
+
+
 def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position, identity: dict) -> dict:
     return {"mlflow_run_id": tracker.run_id, "recipe": cfg.recipe, "epoch": pos.epoch + 1, "step": pos.step,
             "run_identity": identity}
@@ -472,7 +494,7 @@ def _batches(order: np.ndarray, batch_size: int, start: int):
 
 
 def _micro_step(step_module, model, loss_fn, global_batch, info, data, cache, transform, max_tokens, device, amp,
-                accum, views: np.ndarray | None = None) -> dict:
+                accum, views: np.ndarray | None = None, teacher: torch.Tensor | None = None) -> dict:
     """Forward + backward of one micro-batch of caption indices `global_batch`.
 
     Each rank embeds its contiguous slice (sizes differ by at most one); the embeddings of all ranks are
@@ -507,7 +529,8 @@ def _micro_step(step_module, model, loss_fn, global_batch, info, data, cache, tr
         img_emb = D.gather_rows(img_emb.float(), info, sizes)
         txt_emb = D.gather_rows(txt_emb.float(), info, sizes)
         total, parts = loss_fn(img_emb, txt_emb, model.logit_scale,
-                               torch.as_tensor(data.text_to_image[global_batch], device=device))
+                               torch.as_tensor(data.text_to_image[global_batch], device=device),
+                               None if teacher is None else teacher[torch.as_tensor(global_batch)].to(device))
     (total / accum).backward()
     return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
 
