@@ -426,4 +426,8 @@ def check_config(cfg: RunConfig, check_files: bool = True) -> None:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The config as YAML, credentials in any URI removed (`hivlp.redact.scrub`): pass them through the
+    environment (MLFLOW_TRACKING_USERNAME/PASSWORD, MILVUS_TOKEN), never in a file."""
+    from hivlp.redact import scrub
+
+    Path(path).write_text(yaml.safe_dump(scrub(cfg.to_dict(), strip=True), sort_keys=False))

@@ -3,6 +3,9 @@
 Defaults keep everything local and explicit: the tracking store is SQLite at `outputs/mlflow.db` and
 artifacts go to `outputs/mlartifacts` (MLflow 3 would otherwise default artifacts to ./mlruns).
 `MLFLOW_TRACKING_URI` overrides the store, e.g. a tracking server shared by a team.
+
+Every run records its lineage (`hivlp.lineage`: git commit, dataset inputs with digests, the resolved
+config, the parent run) and never a credential (params and config go through `hivlp.redact.scrub`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hivlp.config import RunConfig, TrackingConfig
+from hivlp.lineage import log_lineage
+from hivlp.redact import redact, scrub
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,13 @@ def _param_value(v: Any) -> str:
 class RunTracker:
     """One MLflow run. A disabled tracker (tracking off, or a non-zero DDP rank) does nothing."""
 
-    def __init__(self, run_config: RunConfig, enabled: bool = True) -> None:
+    def __init__(self, run_config: RunConfig, enabled: bool = True, parent_run_id: str | None = None,
+                 parent_weights_sha256: str | None = None) -> None:
         self.cfg = run_config.tracking
         self.run_config = run_config
         self.enabled = enabled and self.cfg.enabled
+        self.parent_run_id = parent_run_id
+        self.parent_weights_sha256 = parent_weights_sha256
         self.run_id: str | None = None
         self._mlflow = None
 
@@ -78,9 +86,13 @@ class RunTracker:
         )
         self.run_id = run.info.run_id
         mlflow.set_tag("hivlp.recipe", self.run_config.recipe)
-        mlflow.log_params({k: _param_value(v) for k, v in self.run_config.flat().items()})
-        mlflow.log_dict(self.run_config.to_dict(), "config.yaml")
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.cfg.experiment, tracking_uri(self.cfg))
+        mlflow.log_params({k: _param_value(scrub(v)) for k, v in self.run_config.flat().items()})
+        data = self.run_config.data
+        datasets = [*data.datasets, *([data.val_dataset] if data.val_dataset else [])]
+        log_lineage(mlflow, datasets, "training", config=self.run_config.to_dict(),
+                    parent_run_id=self.parent_run_id, parent_weights_sha256=self.parent_weights_sha256)
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.cfg.experiment,
+                 redact(tracking_uri(self.cfg)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,14 +1,19 @@
-"""The model registry on a real MLflow (SQLite in tmp) with a real checkpoint: log, gate, load the champion.
-
-Logging + registering a model takes ~10 s, so the module logs one checkpoint once; each test then
-makes its own registered model whose versions point at that logged model (a registry-only call), so
-tests do not depend on each other's order.
-"""
+"""The model registry on a real MLflow (SQLite in tmp) with tiny real checkpoints: a model that carries
+its code (loaded where hivlp is not importable; nothing unpickled), served by `mlflow models serve`
+over HTTP, and the promotion gate (bound metrics, the champion re-evaluated, ties and worse models
+gated out, the same weights never registered twice)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -18,215 +23,276 @@ import pytest
 from mlflow import MlflowClient
 
 from hivlp import registry
-from hivlp.cli import main
-from hivlp.config import ModelConfig, RunConfig
-from hivlp.errors import UsageError
-from hivlp.model import (
-    create_model,
-    encode_images,
-    encode_texts,
-    load_checkpoint,
-    save_checkpoint,
+from hivlp.gate import MetricsMismatchError, promote
+from hivlp.model import load_encoder
+
+from .conftest import REPO
+from .faultworld import run_cli
+from .registry_world import (
+    build_checkpoints,
+    evaluate_to,
+    free_port,
+    mlflow_bin,
+    retemper,
+    start,
+    stop,
+    wait_http,
 )
 
-from .conftest import FLICKR8K
-
-CAPTIONS = ["a black dog runs through the grass", "two children play on a beach", "a man rides a bike"]
+CAPTIONS = ["a black dog runs through the grass", "two children play on a beach"]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A fresh SQLite store (artifacts under the same tmp folder) and one checkpoint logged once."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+def world(tmp_path_factory, flickr8k_raw):
+    root = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # the default artifact location, outputs/mlartifacts, lands in tmp
+        uri = f"sqlite:///{root / 'mlflow.db'}"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        ckpt = save_checkpoint(create_model(ModelConfig()), RunConfig(), root / "ckpt")
-        (ckpt / "resume").mkdir()  # a training folder's resume state must not be logged with the model
-        (ckpt / "resume" / "optimizer.pt").write_bytes(b"x" * 1024)
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         t = time.perf_counter()
-        info = registry.log_model(ckpt, name="logged")
-        seconds = time.perf_counter() - t
-        yield {"uri": uri, "root": root, "ckpt": ckpt, "info": info, "log_seconds": seconds}
+        cps = build_checkpoints(root, flickr8k_raw)
+        print(f"checkpoints: {time.perf_counter() - t:.1f} s, AR {cps.ar}")
+        t = time.perf_counter()
+        first = promote(cps.better, cps.metrics["better"], gate_split="val", name="served", tracking_uri=uri,
+                        device="cpu")
+        print(f"register + gate (no champion): {time.perf_counter() - t:.1f} s")
+        assert first.status == "promoted"
+        yield {"uri": uri, "root": root, "cps": cps}
 
 
 @pytest.fixture
-def client(store):
-    return MlflowClient(tracking_uri=store["uri"])
+def client(world):
+    return MlflowClient(tracking_uri=world["uri"])
 
 
-def _metrics_file(path, r_mean):
-    path.write_text(json.dumps({"full": {"r_mean": r_mean, "txt_r1": 1.0}}))
-    return path
+def _model_dir(client, name, version) -> Path:
+    """The model's folder in the local artifact store (where an attacker with store access writes)."""
+    from urllib.parse import urlparse
+
+    mv = client.get_model_version(name, version)
+    model_id = mv.source.split("models:/", 1)[1]
+    return Path(urlparse(client.get_logged_model(model_id).artifact_location).path)
 
 
-def _new_versions(client, store, name, n):
-    """`n` versions of a new registered model, all backed by the module's logged model."""
-    client.create_registered_model(name)
-    logged = store["info"]
-    return [
-        str(client.create_model_version(name, logged.model_uri, run_id=logged.run_id, model_id=logged.model_id).version)
-        for _ in range(n)
-    ]
+BLOCKER = textwrap.dedent("""
+    import importlib.machinery, sys
+    BLOCKED = {blocked!r}
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name != "hivlp":
+                return None
+            allowed = [p for p in sys.path if p and "site-packages" not in p
+                       and not any(p.startswith(b) for b in BLOCKED)]
+            spec = importlib.machinery.PathFinder.find_spec(name, allowed)
+            if spec is None:
+                raise ModuleNotFoundError("No module named 'hivlp' (blocked by the test)", name=name)
+            return spec
+    sys.meta_path.insert(0, _Block())
+""")
 
 
-def _tags(client, name, version):
-    return client.get_model_version(name, version).tags
+def test_model_from_code_loads_without_hivlp(world, client, tmp_path):
+    """A fresh interpreter where hivlp cannot be imported (not the repo, not the editable install, not
+    site-packages) loads models:/served@champion with MLflow's own loader: [2, 512] for two captions,
+    from the hivlp copy shipped in the model."""
+    import hivlp
+
+    blocked = sorted({str(REPO), str(Path(hivlp.__file__).resolve().parents[1]), "/work/main"})
+    script = BLOCKER.format(blocked=blocked) + textwrap.dedent(f"""
+        try:
+            import hivlp
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit("hivlp importable before the model loads: " + hivlp.__file__)
+        import json, mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model("models:/served@champion")
+        out = model.predict(pd.DataFrame({{"text": {CAPTIONS!r}}}))
+        import hivlp
+        print(json.dumps({{"shape": list(out.shape), "hivlp": hivlp.__file__, "row0": out[0].tolist()}}))
+    """)
+    work = tmp_path / "clean"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-I", "-c", script], cwd=work, capture_output=True, text=True,
+                          env={"MLFLOW_TRACKING_URI": world["uri"], "PATH": "/usr/bin:/bin", "HOME": str(work)},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [2, 512]
+    assert not any(got["hivlp"].startswith(b) for b in blocked) and "/code/hivlp/" in got["hivlp"]
+    expected = load_encoder(world["cps"].better, device="cpu").texts(CAPTIONS, progress=False)
+    np.testing.assert_allclose(got["row0"], expected[0], atol=1e-5)
+
+    # What was logged: code, not a pickle; signature, input example and requirements kept.
+    mv = client.get_model_version_by_alias("served", "champion")
+    files = _model_dir(client, "served", mv.version)
+    assert not list(files.rglob("*.pkl"))
+    conf = (files / "MLmodel").read_text()
+    assert "model_code_path" in conf and "python_model:" not in conf
+    assert (files / "code" / "hivlp" / "model" / "encode.py").is_file()
+    assert (files / "input_example.json").is_file() and "signature:" in conf
+    reqs = (files / "requirements.txt").read_text()
+    assert "torch==" in reqs and "hivlp" not in reqs
 
 
-def test_log_model_registers_a_version_with_its_checkpoint(store, client, tmp_path):
-    info = store["info"]
-    assert info.registered_model_version == 1
-    mv = client.get_model_version("logged", "1")
-    meta = json.loads((store["ckpt"] / "meta.json").read_text())
-    assert mv.tags["hivlp.weights_sha256"] == meta["weights_sha256"]
-    assert mv.tags["hivlp.run_id"] == info.run_id
-    assert info.signature.inputs.input_names() == ["text", "image_path"]
-    local = mlflow.artifacts.download_artifacts("models:/logged/1", dst_path=str(tmp_path), tracking_uri=store["uri"])
-    names = {p.name for p in (Path(local) / "artifacts" / "checkpoint").iterdir()}
-    assert {"config.yaml", "model.safetensors", "meta.json", "text_tower"} <= names
-    assert "resume" not in names
-    print(f"log_model: {store['log_seconds']:.1f} s")
+class _Attack:
+    """Unpickling this writes a marker file: proof that something unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
 
 
-def test_gate_first_worse_better(store, client, tmp_path):
-    """First version: promoted. Worse: gated out, champion stays. Better: takes the alias."""
-    name = "gate"
-    v1, v2, v3 = _new_versions(client, store, name, 3)
-    uri = store["uri"]
+def test_a_planted_pickle_is_never_unpickled(world, client, tmp_path):
+    mv = client.get_model_version_by_alias("served", "champion")
+    files = _model_dir(client, "served", mv.version)
+    marker = tmp_path / "pwned"
+    (files / "python_model.pkl").write_bytes(pickle.dumps(_Attack(marker)))
+    try:
+        model = registry.load_pyfunc("models:/served@champion", world["uri"])
+        assert model.predict(pd.DataFrame({"text": CAPTIONS})).shape == (2, 512)
+        mlflow.pyfunc.load_model("models:/served@champion")
+        assert not marker.exists()
 
-    first = registry.promote(v1, name, _metrics_file(tmp_path / "a.json", 41.0), min_value=40, tracking_uri=uri)
-    assert first.promoted and first.previous_champion is None and first.champion_value is None
-    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
-    assert _tags(client, name, v1)["hivlp.promoted"] == "true"
-    assert _tags(client, name, v1)["hivlp.previous_champion"] == "none"
-
-    worse = registry.promote(v2, name, _metrics_file(tmp_path / "b.json", 40.5), min_value=40, tracking_uri=uri)
-    assert not worse.promoted
-    assert (worse.previous_champion, worse.champion_value) == (v1, 41.0)
-    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
-    tags = _tags(client, name, v2)
-    assert tags["hivlp.promoted"] == "false"
-    assert tags["hivlp.previous_champion"] == v1
-    assert float(tags["hivlp.r_mean"]) == 40.5 and float(tags["hivlp.champion_r_mean"]) == 41.0
-    assert "gated out" in tags["hivlp.gate"] and "champion v1" in tags["hivlp.gate"]
-
-    better = registry.promote(v3, name, _metrics_file(tmp_path / "c.json", 42.25), min_value=40, tracking_uri=uri)
-    assert better.promoted and better.previous_champion == v1
-    assert str(client.get_model_version_by_alias(name, "champion").version) == v3
-    assert _tags(client, name, v3)["hivlp.previous_champion"] == v1
-    assert _tags(client, name, v1)["hivlp.superseded_by"] == v3
-    assert float(_tags(client, name, v3)["hivlp.min_r_mean"]) == 40.0
-    # No deprecated stages anywhere.
-    assert {client.get_model_version(name, v).current_stage for v in (v1, v2, v3)} == {"None"}
+        # A model whose MLmodel points at the pickle (the old format, or an edited MLmodel) is refused.
+        tampered = tmp_path / "tampered"
+        shutil.copytree(files, tampered)
+        conf = (tampered / "MLmodel").read_text()
+        conf = "\n".join(line for line in conf.splitlines() if "model_code_path" not in line)
+        (tampered / "MLmodel").write_text(conf.replace("    code: code", "    code: code\n    python_model: python_model.pkl"))
+        with pytest.raises(registry.RegistryError, match="pickled pyfunc"):
+            registry.load_pyfunc(str(tampered), world["uri"])
+        assert not marker.exists()
+    finally:
+        (files / "python_model.pkl").unlink()
 
 
-def test_floor_gates_out_even_above_the_champion(store, client, tmp_path):
-    name = "floor"
-    v1, v2, v3 = _new_versions(client, store, name, 3)
-    uri = store["uri"]
-    below = registry.promote(v1, name, _metrics_file(tmp_path / "a.json", 35.0), min_value=40, tracking_uri=uri)
-    assert not below.promoted  # no champion, but under the floor
-    assert client.get_registered_model(name).aliases == {}
-    registry.promote(v2, name, _metrics_file(tmp_path / "b.json", 41.0), min_value=40, tracking_uri=uri)
-    higher_floor = registry.promote(v3, name, _metrics_file(tmp_path / "c.json", 44.0), min_value=45, tracking_uri=uri)
-    assert not higher_floor.promoted and "< floor 45.00" in higher_floor.reason
-    assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+def test_mlflow_models_serve_answers_invocations(world, tmp_path):
+    """`mlflow models serve -m models:/served@champion --env-manager local` on a free loopback port:
+    captions, a base64 image and an image path in, one embedding per row at the requested level out."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = start([mlflow_bin(), "models", "serve", "-m", "models:/served@champion", "--env-manager", "local",
+                  "-h", "127.0.0.1", "-p", str(port)], log, env={"MLFLOW_TRACKING_URI": world["uri"]},
+                 cwd=world["root"])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, 180, log)
+        image = sorted((world["cps"].dataset.parent / "images").glob("*.jpg"))[0]
+        rows = [{"text": CAPTIONS[0]}, {"image_b64": base64.b64encode(image.read_bytes()).decode()},
+                {"image_path": str(image)}]
+        body = json.dumps({"dataframe_records": rows, "params": {"level": 64}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
+    finally:
+        stop(proc)
+    assert out.shape == (3, 64)
+    enc = load_encoder(world["cps"].better, device="cpu")
+    full = np.concatenate([enc.texts(CAPTIONS[:1], progress=False), enc.images([image], num_workers=0, progress=False)])
+    want = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(out[:2], want, atol=1e-5)
+    np.testing.assert_allclose(out[2], out[1], atol=1e-6)  # the same image, by bytes or by path
 
 
-def test_metric_from_the_training_run(store, client):
-    """Without a metrics file the gate reads best_val_r_mean of the run."""
-    name = "from-run"
-    (v1,) = _new_versions(client, store, name, 1)
-    run = client.create_run(client.get_experiment_by_name("hivlp").experiment_id)
-    client.log_metric(run.info.run_id, "best_val_r_mean", 43.5)
-    result = registry.promote(v1, name, run_id=run.info.run_id, min_value=40, tracking_uri=store["uri"])
-    assert result.promoted and result.value == 43.5
-    assert _tags(client, name, v1)["hivlp.metric_source"] == f"run:{run.info.run_id}"
+def _versions(client, name) -> list[str]:
+    return sorted((v.version for v in client.search_model_versions(f"name='{name}'")), key=int)
 
 
-def test_champion_pyfunc_matches_the_checkpoint(store, client, tmp_path):
-    name = "served"
-    (v1,) = _new_versions(client, store, name, 1)
-    registry.promote(v1, name, _metrics_file(tmp_path / "m.json", 41.0), tracking_uri=store["uri"])
-    served = registry.load_champion(name, tracking_uri=store["uri"])
-    model, _ = load_checkpoint(store["ckpt"])
-    images = sorted((FLICKR8K / "images").glob("*.jpg"))[:2]
+def test_gate(world, client):
+    """Bound metrics; worse and tie gated out after the champion's re-evaluation; same weights reused."""
+    cps, uri, name = world["cps"], world["uri"], "gate"
+    kw = dict(gate_split="val", name=name, tracking_uri=uri, device="cpu")
 
-    np.testing.assert_allclose(
-        served.predict(pd.DataFrame({"text": CAPTIONS})), encode_texts(model, CAPTIONS, progress=False, max_tokens=40), atol=1e-6
-    )
-    mixed = pd.DataFrame({"text": [CAPTIONS[0], None], "image_path": [None, str(images[0])]})
-    out = served.predict(mixed)
-    np.testing.assert_allclose(out[0], encode_texts(model, CAPTIONS[:1], progress=False, max_tokens=40)[0], atol=1e-6)
-    np.testing.assert_allclose(out[1], encode_images(model, images[:1], num_workers=0, progress=False)[0], atol=1e-5)
+    # Another checkpoint's metrics: refused, naming both hashes; nothing registered.
+    with pytest.raises(MetricsMismatchError, match="measured weights .* but checkpoint .* holds weights"):
+        promote(cps.worse, cps.metrics["better"], **kw)
+    with pytest.raises(MetricsMismatchError, match="measured split 'val' but the gate's split is 'test'"):
+        promote(cps.better, cps.metrics["better"], **{**kw, "gate_split": "test"})
+    assert _versions(client, name) == []
 
-    level = served.predict(pd.DataFrame({"text": CAPTIONS}), params={"level": 64})
-    full = encode_texts(model, CAPTIONS, progress=False, max_tokens=40)
-    assert level.shape == (3, 64)
-    np.testing.assert_allclose(level, full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True), atol=1e-6)
-    with pytest.raises(Exception, match="level 100"):
-        served.predict(pd.DataFrame({"text": CAPTIONS}), params={"level": 100})
-    with pytest.raises(Exception, match="exactly one"):
-        served.predict(pd.DataFrame({"text": ["x"], "image_path": [str(images[0])]}))
+    first = promote(cps.better, cps.metrics["better"], **kw)
+    assert first.status == "promoted" and first.previous_champion is None and first.selected_on_gate_split
+    champ = first.version
+    # A stored number is never trusted: make the champion's look terrible.
+    client.set_model_version_tag(name, champ, "hivlp.gate.r_mean", "0.0")
 
+    worse = promote(cps.worse, cps.metrics["worse"], **kw)
+    assert worse.status == "gated-out" and worse.previous_champion == champ
+    assert worse.champion_value == pytest.approx(cps.ar["better"], abs=1e-6)  # measured again, now
+    assert str(client.get_model_version_by_alias(name, "champion").version) == champ
+    tags = client.get_model_version(name, worse.version).tags
+    assert tags["hivlp.gate.status"] == "gated-out" and tags["hivlp.gate.split"] == "val"
+    assert "re-evaluated" in tags["hivlp.gate.reason"]
+    run = client.get_run(worse.gate_run_id)
+    assert run.data.metrics["gain"] == pytest.approx(cps.ar["worse"] - cps.ar["better"])
+    gate_json = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=worse.gate_run_id, artifact_path="gate.json", tracking_uri=uri)).read_text())
+    assert gate_json["champion_metrics"]["source"]["weights_sha256"] != gate_json["weights_sha256"]
 
-def test_clear_errors(store, client, tmp_path):
-    uri = store["uri"]
-    (v1,) = _new_versions(client, store, "errors", 1)
-    with pytest.raises(UsageError, match="not found"):
-        registry.promote(v1, "errors", tmp_path / "missing.json", tracking_uri=uri)
-    (tmp_path / "bad.json").write_text(json.dumps({"dim_64": {"r_mean": 3}}))
-    with pytest.raises(UsageError, match="full.r_mean"):
-        registry.promote(v1, "errors", tmp_path / "bad.json", tracking_uri=uri)
-    with pytest.raises(UsageError, match="run 'nope' not found"):
-        registry.promote(v1, "errors", run_id="nope", tracking_uri=uri)
-    with pytest.raises(UsageError, match="no version 7"):
-        registry.promote(7, "errors", tmp_path / "bad.json", tracking_uri=uri)
-    t = time.perf_counter()
-    with pytest.raises(registry.TrackingUnavailableError, match="unreachable"):
-        registry.promote(v1, "errors", tracking_uri="http://127.0.0.1:9")
-    assert time.perf_counter() - t < 10
-    with pytest.raises(registry.RegistryError, match="holds alias @champion"):
-        registry.load_champion("errors", tracking_uri=uri)
-    # Nothing was tagged by the failed attempts.
-    assert "hivlp.promoted" not in _tags(client, "errors", v1)
+    assert cps.ar["tie"] == cps.ar["better"]
+    tie = promote(cps.tie, cps.metrics["tie"], **{**kw, "min_delta": 0.0})
+    assert tie.status == "gated-out" and "a tie or worse never promotes" in tie.reason
 
+    before = _versions(client, name)
+    again = promote(cps.worse, cps.metrics["worse"], **kw)
+    assert again.reused_version and again.version == worse.version and again.status == "gated-out"
+    same = promote(cps.better, cps.metrics["better"], **kw)
+    assert same.status == "already-champion" and same.version == champ
+    assert _versions(client, name) == before
 
-def test_cli_exit_codes(store, client, tmp_path, capsys):
-    """Usage error before anything is registered: 2. Gated out: 3, with the decision on the version."""
-    uri = store["uri"]
-    before = len(client.search_model_versions("name='cli'"))
-    code = main(["promote", "--checkpoint", str(store["ckpt"]), "--metrics", str(tmp_path / "none.json"),
-                 "--name", "cli", "--tracking-uri", uri])
-    assert code == 2 and before == len(client.search_model_versions("name='cli'")) == 0
-    capsys.readouterr()
-
-    code = main(["promote", "--checkpoint", str(store["ckpt"]), "--metrics", str(_metrics_file(tmp_path / "m.json", 30.0)),
-                 "--name", "cli", "--min-r-mean", "40", "--tracking-uri", uri, "--out", str(tmp_path / "d.json")])
-    out = capsys.readouterr().out
+    # The CLI: already champion 0, gated out 3, mismatched metrics 2 (one line, nothing registered).
+    code, out, _ = run_cli(["promote", "--checkpoint", cps.better, "--metrics", cps.metrics["better"],
+                            "--gate-split", "val", "--name", name, "--tracking-uri", uri, "--device", "cpu"])
+    assert code == 0 and "already champion" in out
+    code, out, _ = run_cli(["promote", "--checkpoint", cps.worse, "--metrics", cps.metrics["worse"],
+                            "--gate-split", "val", "--name", name, "--tracking-uri", uri, "--device", "cpu"])
     assert code == 3 and "gated out" in out
-    decision = json.loads((tmp_path / "d.json").read_text())
-    assert decision["promoted"] is False and decision["value"] == 30.0
-    assert _tags(client, "cli", decision["version"])["hivlp.promoted"] == "false"
+    code, _, err = run_cli(["promote", "--checkpoint", cps.worse, "--metrics", cps.metrics["tie"],
+                            "--gate-split", "val", "--name", name, "--tracking-uri", uri])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "measured weights" in err
+    assert _versions(client, name) == before
 
 
-def test_search_encodes_the_query_with_the_registered_champion(store, client, tmp_path, capsys):
-    """`hivlp search --model-uri models:/NAME@champion` ranks exactly as the checkpoint it serves."""
+def test_a_better_model_takes_the_alias_and_a_champion_without_checkpoint_is_refused(world, client, tmp_path):
+    cps, uri, name = world["cps"], world["uri"], "gone"
+    kw = dict(gate_split="val", name=name, tracking_uri=uri, device="cpu")
+    # Weights of its own (the worse model at another temperature), so its files are this test's alone.
+    copy = retemper(cps.worse, tmp_path / "victim", 0.5)
+    evaluate_to(copy, cps.dataset, tmp_path / "victim.json")
+    first = promote(copy, tmp_path / "victim.json", **kw)
+    better = promote(cps.better, cps.metrics["better"], **kw)
+    assert better.status == "promoted" and better.previous_champion == first.version
+    assert client.get_model_version(name, first.version).tags["hivlp.superseded_by"] == better.version
+
+    # Back to the worse one as champion, then its checkpoint disappears: folder and model artifacts.
+    client.set_registered_model_alias(name, "champion", first.version)
+    shutil.rmtree(copy)
+    shutil.rmtree(_model_dir(client, name, first.version))
+    before = _versions(client, name)
+    with pytest.raises(registry.RegistryError, match=f"checkpoint of {name} version {first.version} .* is gone"):
+        promote(cps.tie, cps.metrics["tie"], **kw)
+    assert _versions(client, name) == before
+
+
+def test_search_encodes_the_query_with_the_registered_champion(world, tmp_path, capsys):
+    """`hivlp search --model-uri models:/served@champion` ranks exactly as the checkpoint it serves."""
+    from hivlp.cli import main
     from hivlp.retrieval.milvus import MilvusDualIndex
 
-    (v,) = _new_versions(client, store, "search-champion", 1)
-    client.set_registered_model_alias("search-champion", "champion", v)
-    model, _ = load_checkpoint(store["ckpt"])
-    paths = sorted((FLICKR8K / "images").glob("*.jpg"))[:6]
-    emb = encode_images(model, [str(p) for p in paths], batch_size=6, num_workers=0, progress=False)
+    ckpt = world["cps"].better
+    enc = load_encoder(ckpt, device="cpu")
+    paths = sorted((world["cps"].dataset.parent / "images").glob("*.jpg"))[:6]
+    emb = enc.images([str(p) for p in paths], batch_size=6, num_workers=0, progress=False)
     uri = str(tmp_path / "m.db")
     with MilvusDualIndex(uri, "served") as index:
         index.build_from_arrays(emb, np.arange(6), ["image"] * 6, coarse_dim=64, index="FLAT",
                                 metadata={"filename": [p.name for p in paths]}, progress=False)
     hits = {}
-    for how in (["--model-uri", "models:/search-champion@champion"], ["--checkpoint", str(store["ckpt"])]):
+    for how in (["--model-uri", "models:/served@champion"], ["--checkpoint", str(ckpt)]):
         assert main(["search", "--uri", uri, "--name", "served", "--text", CAPTIONS[0], "--k", "5",
                      "--shortlist", "6", "--json", *how]) == 0
         hits[how[0]] = json.loads(capsys.readouterr().out)["hits"]

@@ -22,7 +22,7 @@ import traceback
 
 from hivlp import __version__
 from hivlp.errors import HivlpError
-from hivlp.redact import install_log_redaction, redact
+from hivlp.redact import install_log_redaction, redact, redacted_streams
 
 
 class BrokenCommandError(HivlpError):
@@ -80,6 +80,12 @@ def error_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; stdout and stderr mask credentials in URIs while it runs (`hivlp.redact`)."""
+    with redacted_streams():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
     except BrokenCommandError as e:

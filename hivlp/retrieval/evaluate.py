@@ -189,8 +189,12 @@ def evaluate_checkpoint(
         res = evaluate_milvus(img, txt, data.text_to_image, uri, name, coarse_dim=cd, shortlist=shortlist)
         metrics["milvus_c2f"] = {**res, "shortlist": int(shortlist), "coarse_dim": int(cd)}
         metrics["timings"]["milvus_s"] = time.perf_counter() - t
+    from hivlp.io import sha256_file
+
+    # What the numbers are bound to: the gate (`hivlp.gate`) refuses metrics of other weights or data.
     metrics["source"] = {
         "checkpoint": str(checkpoint), "weights_sha256": encoder.weights_sha256, "dataset": str(dataset), "split": split,
+        "dataset_json_sha256": sha256_file(dataset), "image_root": str(image_root) if image_root else None,
     }
     return metrics
 

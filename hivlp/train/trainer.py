@@ -40,7 +40,6 @@ from hivlp.io import atomic_write_json, check_output_dir, remove_stale_temps
 from hivlp.losses import HierarchicalContrastiveLoss
 from hivlp.model import create_model
 from hivlp.model.checkpoint import (
-    CHECKPOINT_FILES,
     META,
     load_checkpoint,
     publish_checkpoint,
@@ -265,10 +264,11 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
     np.random.seed(cfg.train.seed)
 
     # Model: fresh (pre-training) or from a checkpoint (fine-tuning: its architecture, this run's depth).
-    init_sha = None
+    init_sha = init_run = None
     if init is not None:
         model, init_cfg = load_checkpoint(init, device="cpu")
-        init_sha = read_meta(init)["weights_sha256"]
+        init_meta = read_meta(init)
+        init_sha, init_run = init_meta["weights_sha256"], init_meta.get("mlflow_run_id")
         cfg = replace(cfg, model=replace(
             init_cfg.model,
             image_trainable_blocks=cfg.model.image_trainable_blocks,
@@ -368,7 +368,7 @@ def train(cfg: RunConfig, out_dir: str | Path, init: str | Path | None = None, r
 
     amp = t.amp and device.type == "cuda"
     train_transform = None if use_cache else model.image_tower.transform(train=True)
-    tracker = RunTracker(cfg, enabled=info.is_main)
+    tracker = RunTracker(cfg, enabled=info.is_main, parent_run_id=init_run, parent_weights_sha256=init_sha)
     stopped = False
     step_losses: list[float] = []
     with tracker:
@@ -454,12 +454,15 @@ def _provenance(tracker: RunTracker, cfg: RunConfig, pos: Position, identity: di
 
 
 def _log_checkpoint(tracker: RunTracker, out_dir: Path) -> None:
-    for name in (*CHECKPOINT_FILES, "history.json"):
-        path = out_dir / name
-        if path.is_dir():
-            tracker.log_artifacts(path, f"checkpoint/{name}")
-        elif path.is_file():
-            tracker.log_artifact(path, "checkpoint")
+    """The published checkpoint, logged once as the run's MLflow model (models from code, the weights'
+    one copy in MLflow: `hivlp promote` registers this logged model), and the history beside it."""
+    if tracker.run_id is None:
+        return
+    from hivlp.registry import log_model
+
+    log_model(out_dir)
+    if (out_dir / "history.json").is_file():
+        tracker.log_artifact(out_dir / "history.json")
 
 
 def _build_caches(model, cfg: RunConfig, train_data, val_data, device):
