@@ -141,12 +141,21 @@ def read_bound_metrics(path: str | Path, weights_sha256: str, checkpoint: str | 
     return data
 
 
-def _selection_split(checkpoint: Path) -> str | None:
+def _config(checkpoint: Path) -> dict[str, Any]:
     try:
-        cfg = yaml.safe_load((checkpoint / CONFIG).read_text()) or {}
-        return str((cfg.get("data") or {}).get("val_split", "val"))
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
+        cfg = yaml.safe_load((checkpoint / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _selection_split(checkpoint: Path) -> str:
+    """The split training selected the checkpoint on."""
+    return str((_config(checkpoint).get("data") or {}).get("val_split", "val"))
+
+
+def _checkpoint_experiment(checkpoint: Path) -> str:
+    return str((_config(checkpoint).get("tracking") or {}).get("experiment") or "hivlp")
 
 
 def promote(
@@ -162,10 +171,12 @@ def promote(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     device: str = "auto",
-    experiment: str = "hivlp",
+    experiment: str | None = None,
     progress: bool = False,
 ) -> GateResult:
-    """Gate `checkpoint` onto `alias` of registered model `name` (see the module docstring)."""
+    """Gate `checkpoint` onto `alias` of registered model `name` (see the module docstring).
+
+    The gate run goes into `experiment`, default the checkpoint's own (`tracking.experiment`)."""
     import mlflow
 
     from hivlp.lineage import log_lineage
@@ -191,6 +202,7 @@ def promote(
             "or evaluate again")
     image_root = image_root if image_root is not None else src.get("image_root")
     selected_on = _selection_split(ckpt) == gate_split
+    experiment = experiment or _checkpoint_experiment(ckpt)
     if selected_on:
         log.warning("gate split %r is the split the checkpoint was selected on (data.val_split): the comparison "
                     "favours it; use a held-out split when the dataset has one", gate_split)
@@ -260,11 +272,7 @@ def _record(client: Any, mlflow: Any, log_lineage: Any, result: GateResult, mv: 
         numbers[f"champion_{split}_{METRIC}"] = result.champion_value
         numbers["gain"] = result.value - result.champion_value
     with mlflow.start_run(experiment_id=ensure_experiment(client, experiment), run_name="gate") as run:
-        try:
-            config = yaml.safe_load((ckpt / CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
-            config = None
-        log_lineage(mlflow, [dataset], "evaluation", config=config, parent_run_id=mv.run_id or None,
+        log_lineage(mlflow, [dataset], "evaluation", config=_config(ckpt) or None, parent_run_id=mv.run_id or None,
                     parent_weights_sha256=result.weights_sha256)
         mlflow.log_params({"gate_split": split, "min_delta": result.min_delta, "min_r_mean": result.min_value,
                            "model_name": result.name, "version": result.version, "alias": result.alias,
