@@ -124,10 +124,12 @@ def _graph(
 
     with dsl.If(scored.outputs["Output"] >= min_r_mean, name="ar-above-floor"):
         gate = promote(
-            model=fine.outputs["model"], eval_report=scored.outputs["report"], mlflow_tracking_uri=mlflow_tracking_uri,
-            run_id=fine.outputs["run_id"], name=model_name, min_r_mean=min_r_mean, gate_split=gate_split,
+            model=fine.outputs["model"], eval_report=scored.outputs["report"], dataset_json=dataset_json,
+            image_root=image_root, mlflow_tracking_uri=mlflow_tracking_uri, run_id=fine.outputs["run_id"],
+            name=model_name, min_r_mean=min_r_mean, gate_split=gate_split,
         )
-        _resources(_secrets(gate, "mlflow"), "2", "8G").set_display_name("promote to champion")
+        # Reads the data too: the champion is evaluated again on the gate split.
+        _resources(_data(_secrets(gate, "mlflow"), data_pvc), "4", "8G").set_display_name("promote to champion")
         gate.set_caching_options(False)
 
         with dsl.If(gate.outputs["Output"] == True, name="promoted"):  # noqa: E712 (a DSL condition)
@@ -171,7 +173,8 @@ _SHARED_ARGS = """
         job_timeout_hours: A PyTorchJob that has not succeeded after this long fails the run.
         gate_split: Split the promotion gate is measured on (evaluate's split): one the checkpoint was not
             selected on.
-        min_r_mean: Floor on the gate split's AR (percent) for promotion; the champion's AR is the second bar.
+        min_r_mean: Floor on the gate split's AR (percent) for promotion; the second bar is the champion,
+            evaluated again in the promote step on the same split (a gain of at least 0.1 AR needed).
         mlflow_tracking_uri: MLflow tracking and registry server (credentials come from the secret
             {mlflow_secret}, never from this URI).
         model_name: Registered model name in MLflow.

@@ -152,7 +152,7 @@ def build_world(root: Path, raw: dict) -> World:
               "--no-progress"])
         must(["index", "--embeddings", w.export, "--uri", w.uri, "--name", INDEX_NAME, "--coarse-dim", 16,
               "--index", "FLAT", "--no-progress"])
-        must(["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--tracking-uri", w.store])
+        must(["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--gate-split", "val", "--tracking-uri", w.store])
     finally:
         os.chdir(cwd)
     return w

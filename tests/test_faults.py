@@ -93,6 +93,9 @@ def write(path: Path, content: str | bytes) -> Path:
 
 PICKLE = pickle.dumps({"weight": [0.0, 1.0]})  # a pickle file renamed to .safetensors
 NESTED = "[" * 100_000 + "]" * 100_000
+# An evaluation of other weights (the gate refuses it, naming both hashes).
+OTHER_WEIGHTS = json.dumps({"full": {"r_mean": 99.0}, "source": {"weights_sha256": "0" * 64, "split": "val",
+                                                                 "dataset": "d.json", "dataset_json_sha256": "0" * 64}})
 
 
 def export_copy(w: World, tmp: Path) -> Path:
@@ -370,31 +373,44 @@ FAULTS = [
           lambda w, t: ["--threads"]),
     # ----------------------------------------------------------------------------- promote
     Fault("promote/metrics-missing",
-          lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", t / "none.json", "--tracking-uri", w.store],
+          lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", t / "none.json", "--gate-split", "val",
+                        "--tracking-uri", w.store],
           2, lambda w, t: [str(t / "none.json"), "not found"]),
     Fault("promote/metrics-nested",
           lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", write(t / "m.json", NESTED),
-                        "--tracking-uri", w.store], 2,
+                        "--gate-split", "val", "--tracking-uri", w.store], 2,
           lambda w, t: [str(t / "m.json"), "nested too deeply"]),
     Fault("promote/metrics-without-r-mean",
           lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", write(t / "m.json", '{"full": [1, 2]}'),
-                        "--tracking-uri", w.store], 2,
+                        "--gate-split", "val", "--tracking-uri", w.store], 2,
           lambda w, t: [str(t / "m.json"), "full.r_mean"]),
     Fault("promote/metrics-nan",
           lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", write(t / "m.json", '{"full": {"r_mean": NaN}}'),
-                        "--tracking-uri", w.store], 2,
+                        "--gate-split", "val", "--tracking-uri", w.store], 2,
           lambda w, t: [str(t / "m.json"), "full.r_mean"]),
     Fault("promote/min-r-mean-nan",
           lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--min-r-mean", "nan",
-                        "--tracking-uri", w.store], 2,
+                        "--gate-split", "val", "--tracking-uri", w.store], 2,
           lambda w, t: ["--min-r-mean", "nan"]),
     Fault("promote/out-is-a-folder",
           lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--out", t,
-                        "--tracking-uri", w.store], 2,
+                        "--gate-split", "val", "--tracking-uri", w.store], 2,
           lambda w, t: ["--out", str(t), "is a folder"]),
     Fault("promote/checkpoint-tampered",
-          lambda w, t: ["promote", "--checkpoint", _flipped(w, t), "--metrics", w.metrics, "--tracking-uri", w.store],
+          lambda w, t: ["promote", "--checkpoint", _flipped(w, t), "--metrics", w.metrics, "--gate-split", "val",
+                        "--tracking-uri", w.store],
           2, lambda w, t: [str(t / "keep/ckpt/model.safetensors"), "sha256 differs"]),
+    Fault("promote/metrics-of-another-checkpoint",
+          lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", write(t / "m.json", OTHER_WEIGHTS),
+                        "--gate-split", "val", "--tracking-uri", w.store], 2,
+          lambda w, t: [str(t / "m.json"), "measured weights 0000000000000000 but checkpoint", "holds weights"]),
+    Fault("promote/metrics-of-another-split",
+          lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--tracking-uri", w.store], 2,
+          lambda w, t: [str(w.metrics), "measured split 'val' but the gate's split is 'test'", "--gate-split val"]),
+    Fault("promote/min-delta-negative",
+          lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--gate-split", "val",
+                        "--min-delta", "-1", "--tracking-uri", w.store], 2,
+          lambda w, t: ["--min-delta", ">= 0"]),
     # ----------------------------------------------------------------------------- any command
     Fault("cli/unknown-command", lambda w, t: ["serve-all"], 2, lambda w, t: ["serve-all", "invalid choice"]),
 ]

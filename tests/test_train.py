@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,8 +102,14 @@ def test_mlflow_tracks_levels_and_checkpoint(slice_json, cache_dir, tmp_path, mo
     for key in ("loss", "loss_d32", "loss_d512", "val_full_r_mean", "val_dim_64_r_mean", "val_coarse_to_fine_r_mean"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(result.run_id, "loss")) == 10
-    arts = {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
-    assert {"checkpoint/model.safetensors", "checkpoint/config.yaml", "checkpoint/meta.json"} <= arts
+    assert {a.path for a in client.list_artifacts(result.run_id)} >= {"config.yaml", "history.json"}
+    # The checkpoint is logged once, as the run's MLflow model (models from code), not as loose files.
+    (out,) = run.outputs.model_outputs
+    model = client.get_logged_model(out.model_id)
+    assert model.tags["hivlp.weights_sha256"] == json.loads((tmp_path / "tracked" / "meta.json").read_text())["weights_sha256"]
+    files = mlflow.artifacts.download_artifacts(f"models:/{out.model_id}", dst_path=str(tmp_path / "dl"))
+    names = {p.name for p in (Path(files) / "artifacts" / "checkpoint").iterdir()}
+    assert {"model.safetensors", "config.yaml", "meta.json"} <= names
 
 
 def test_finetune_starts_from_the_pretrained_checkpoint(slice_json, cache_dir, tmp_path):
