@@ -24,8 +24,10 @@ COMMITTED = {"hivlp": REPO / "pipelines" / "hivlp.yaml", "hivlp-from-uri": REPO 
 COMPILE_ENV = ("HIVLP_IMAGE", "HIVLP_TRAIN_ACCELERATOR", "HIVLP_DATA_MOUNT", "HIVLP_MLFLOW_SECRET",
                "HIVLP_OBJECT_STORE_SECRET", "HIVLP_MILVUS_SECRET")
 # Tasks that read the dataset's files (and so mount the data volume and take the digest).
-DATA_TASKS = {"fingerprint-dataset", "validate", "pretrain", "finetune", "evaluate", "export-shard", "sample-queries"}
-CACHED_DATA_TASKS = DATA_TASKS - {"fingerprint-dataset"}
+# promote reads the data too: the gate evaluates the champion again on the gate split.
+DATA_TASKS = {"fingerprint-dataset", "validate", "pretrain", "finetune", "evaluate", "promote", "export-shard",
+              "sample-queries"}
+CACHED_DATA_TASKS = DATA_TASKS - {"fingerprint-dataset", "promote"}
 
 
 def _compile(tmp: Path, **env) -> dict[str, tuple[dict, dict]]:
@@ -161,7 +163,7 @@ def test_every_data_task_mounts_the_data_volume(specs, name):
         if dag != "root":
             assert expected in spec["components"][dag]["inputDefinitions"]["parameters"]
     # The tasks that only take artifacts or talk to services mount nothing.
-    for task_name in ("require-valid", "promote", "index-embeddings", "shard-indices"):
+    for task_name in ("require-valid", "index-embeddings", "shard-indices"):
         assert "pvcMount" not in platform.get(_executor_of(spec, tasks[task_name][1]), {})
     root_params = spec["root"]["inputDefinitions"]["parameters"]
     assert root_params["data_pvc"]["defaultValue"] == "hivlp-data"
