@@ -47,11 +47,11 @@ def promote(
     Returns:
         decision: The gate's decision as JSON (version, values compared, reason).
         decision_page: The same as Markdown for the run page.
-        Output: Whether the new version took the alias.
+        Output: Whether the model holds the alias now (promoted, or already the champion).
     """
+    from hivlp.gate import promote
     from hivlp.io import atomic_write_json, atomic_write_text
     from hivlp.pages import markdown_record
-    from hivlp.gate import promote
 
     result = promote(
         model.path, eval_report.path, gate_split=gate_split, dataset=dataset_json, image_root=image_root or None,
