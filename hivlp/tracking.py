@@ -115,3 +115,52 @@ class RunTracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:
             self._mlflow.log_artifact(str(local_path), artifact_path=artifact_path)
+
+
+def track_evaluation(metrics: dict[str, Any], checkpoint: str | Path, uri: str | None = None,
+                     experiment: str | None = None) -> str:
+    """An MLflow run "evaluate" for one evaluation (`hivlp evaluate --track`): lineage (the dataset as an
+    evaluation input, the checkpoint's config, its training run as parent), AR per level as metrics,
+    metrics.json as an artifact. Returns the run id.
+
+    The store is `uri`, else $MLFLOW_TRACKING_URI, else the local default; the experiment is the
+    checkpoint's own (`tracking.experiment`)."""
+    import mlflow
+    import yaml
+
+    from hivlp.model.checkpoint import CONFIG, read_meta
+
+    ckpt = Path(checkpoint)
+    try:
+        config = yaml.safe_load((ckpt / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    config = config if isinstance(config, dict) else None
+    experiment = experiment or str(((config or {}).get("tracking") or {}).get("experiment") or TrackingConfig.experiment)
+    store = uri or tracking_uri()
+    mlflow.set_tracking_uri(store)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=artifact_location() if is_local_store(store) else None)
+    mlflow.set_experiment(experiment)
+    meta = read_meta(ckpt)
+    src = metrics.get("source", {})
+    parent = meta.get("mlflow_run_id")
+    if parent:
+        try:
+            mlflow.get_run(parent)
+        except Exception:  # trained against another store: no parent here
+            parent = None
+    split = src.get("split", "eval")
+    with mlflow.start_run(run_name="evaluate") as run:
+        log_lineage(mlflow, [src["dataset"]] if src.get("dataset") else [], "evaluation", config=config,
+                    parent_run_id=parent, parent_weights_sha256=meta["weights_sha256"])
+        mlflow.set_tags({"hivlp.weights_sha256": meta["weights_sha256"], "hivlp.split": split,
+                         "hivlp.checkpoint": str(ckpt.resolve())})
+        flat = {f"{split}_{level}_{k}": float(v) for level, block in metrics.items()
+                if level == "full" or level.startswith(("dim_", "coarse_to_fine", "milvus"))
+                for k, v in (block.items() if isinstance(block, dict) else [])
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("shortlist", "coarse_dim")}
+        mlflow.log_metrics(flat)
+        mlflow.log_dict(scrub(metrics), "metrics.json")
+        log.info("MLflow run %s (evaluate) in experiment %r at %s", run.info.run_id, experiment, redact(store))
+        return run.info.run_id

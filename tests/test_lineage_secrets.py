@@ -70,7 +70,8 @@ def test_pipeline_through_a_password_uri_leaks_nothing_and_records_lineage(serve
     for argv in (["pretrain", "--config", recipe, "--out", tmp_path / "pre"],
                  ["finetune", "--config", tmp_path / "tiny-ft.yaml", "--init", tmp_path / "pre", "--out", tmp_path / "ft"],
                  ["evaluate", "--checkpoint", tmp_path / "ft", "--dataset", dataset, "--split", "val",
-                  "--out", tmp_path / "m.json", "--coarse-dim", 32, "--shortlist", 8],
+                  "--out", tmp_path / "m.json", "--coarse-dim", 32, "--shortlist", 8, "--track",
+                  "--tracking-uri", server["secret"]],
                  ["promote", "--checkpoint", tmp_path / "ft", "--metrics", tmp_path / "m.json", "--gate-split", "val",
                   "--tracking-uri", server["secret"], "--device", "cpu"]):
         code, out, err = run_cli(argv)
@@ -92,8 +93,8 @@ def test_pipeline_through_a_password_uri_leaks_nothing_and_records_lineage(serve
     client = MlflowClient(tracking_uri=server["plain"])
     exp = client.get_experiment_by_name("lineage")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    pre, ft, gate = runs["pretrain"], runs["finetune"], runs["gate"]
-    for run in (pre, ft, gate):
+    pre, ft, ev, gate = runs["pretrain"], runs["finetune"], runs["evaluate"], runs["gate"]
+    for run in (pre, ft, ev, gate):
         assert SECRET not in _all_text(client, run, tmp_path / "dl")
         assert len(run.data.tags["hivlp.git_commit"]) == 40 and run.data.tags["hivlp.git_dirty"] in ("true", "false")
         (inp,) = run.inputs.dataset_inputs
@@ -101,6 +102,7 @@ def test_pipeline_through_a_password_uri_leaks_nothing_and_records_lineage(serve
         assert inp.dataset.digest == digest[:32]
         assert {t.key: t.value for t in inp.tags}["hivlp.digest"] == digest
     assert ft.data.tags["hivlp.parent_run_id"] == pre.info.run_id
+    assert ev.data.tags["hivlp.parent_run_id"] == ft.info.run_id and "val_full_r_mean" in ev.data.metrics
     assert {t.key: t.value for t in gate.inputs.dataset_inputs[0].tags}["mlflow.data.context"] == "evaluation"
     for mv in client.search_model_versions("name='hivlp'"):
         assert SECRET not in json.dumps(mv.tags)

@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="Milvus index name for --backend milvus (temporary collections derive from it)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read images whose path leads outside the image root (refused by default)")
+    p.add_argument("--track", action="store_true",
+                   help="also record the evaluation as an MLflow run 'evaluate' (lineage, AR per level, metrics.json) "
+                        "in the checkpoint's experiment")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store for --track (default: $MLFLOW_TRACKING_URI or sqlite under outputs/)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.shortlist < 1 or args.batch_size < 1 or args.coarse_dim < 1:
         raise UsageError("--shortlist, --batch-size and --coarse-dim must be >= 1")
+    if args.tracking_uri and not args.track:
+        raise UsageError("--tracking-uri applies to --track only")
     if args.backend != "milvus" and (args.uri or args.name):
         raise UsageError("--uri and --name apply to --backend milvus only")
     check_output_file(args.out, "--out")  # before encoding, not after
@@ -54,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         allow_outside_root=args.allow_outside_root,
     )
     atomic_write_json(args.out, metrics)
+    if args.track:
+        from hivlp.tracking import track_evaluation
+
+        track_evaluation(metrics, args.checkpoint, uri=args.tracking_uri)
     counts = metrics["counts"]
     print(f"{args.split}: {counts['images']} images, {counts['texts']} captions, {counts['dim']}-d "
           f"(encoded in {metrics['timings']['encode_s']:.1f} s)")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from hivlp.errors import HivlpError, UsageError
+from hivlp.redact import redact
 from hivlp.retrieval.inmemory import SearchEngine, SearchResult, l2_normalize
 
 log = logging.getLogger(__name__)
@@ -471,7 +472,7 @@ class MilvusDualIndex(SearchEngine):
 
     def _summary(self, info: IndexInfo, status: str, upserted: int, t0: float) -> dict[str, Any]:
         return {
-            "status": status, "name": self.name, "uri": self.uri, "dim": info.dim,
+            "status": status, "name": self.name, "uri": redact(self.uri), "dim": info.dim,
             "coarse_dim": info.coarse_dim, "index": info.index_type, "counts": info.expected,
             "upserted": upserted, "seconds": round(time.perf_counter() - t0, 3),
         }
