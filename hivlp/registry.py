@@ -295,12 +295,6 @@ def register(
     return client.get_model_version(name, mv.version), False
 
 
-def log_and_register(checkpoint_dir: str | Path, name: str = DEFAULT_NAME, run_id: str | None = None,
-                     tracking_uri: str | None = None) -> Any:
-    """The version for a checkpoint (see `register`); kept for callers that want the version alone."""
-    return register(checkpoint_dir, name, run_id=run_id, tracking_uri=tracking_uri)[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading: never a pickle
 
