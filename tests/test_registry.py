@@ -217,6 +217,8 @@ def test_gate(world, client):
     first = promote(cps.better, cps.metrics["better"], **kw)
     assert first.status == "promoted" and first.previous_champion is None and first.selected_on_gate_split
     champ = first.version
+    # The weights were logged once (for "served"): this version is registered from that same logged model.
+    assert client.get_model_version(name, champ).source == client.get_model_version_by_alias("served", "champion").source
     # A stored number is never trusted: make the champion's look terrible.
     client.set_model_version_tag(name, champ, "hivlp.gate.r_mean", "0.0")
 
