@@ -8,7 +8,9 @@ Rules, in order (each refusal is one line naming both sides and what to do):
      Training selects its best epoch on `data.val_split` (val): gating on that split favours the
      candidate, so it is allowed only when asked for (`--gate-split val`, for datasets without a test
      split such as Flickr8k here) and the decision says so (`selected_on_gate_split`).
-  2. The champion's own weights again: no new version, "already champion" (not an error).
+  2. The champion's own weights again: no new version, "already champion" (not an error); unless the
+     champion is a pickled model of an earlier hivlp, which the same weights as models from code
+     replace (no comparison to make).
   3. The current champion is evaluated again, in this run, on the same dataset and split (from its
      recorded checkpoint folder, else the checkpoint inside its model artifacts); a stored number is
      never trusted. A champion whose checkpoint is gone is a refusal, and nothing is registered.
@@ -38,6 +40,8 @@ from hivlp.redact import scrub
 from hivlp.registry import (
     DEFAULT_ALIAS,
     DEFAULT_NAME,
+    FORMAT,
+    FORMAT_TAG,
     WEIGHTS_TAG,
     connect,
     current_champion,
@@ -212,7 +216,22 @@ def promote(
     common = dict(name=name, alias=alias, metric=METRIC, value=value, gate_split=gate_split,
                   min_value=float(min_value), min_delta=float(min_delta), weights_sha256=sha,
                   selected_on_gate_split=selected_on)
-    if champion is not None and champion.tags.get(WEIGHTS_TAG) == sha:
+    same_weights = champion is not None and champion.tags.get(WEIGHTS_TAG) == sha
+    if same_weights and champion.tags.get(FORMAT_TAG) != FORMAT:
+        # The champion holds these weights as a pickled model (an earlier hivlp): the same weights as
+        # models from code replace it, with no comparison to make.
+        mv, reused = register(ckpt, name, run_id=run_id, tracking_uri=tracking_uri, experiment=experiment)
+        reason = (f"same weights as champion v{champion.version}, a pickled model hivlp does not load: "
+                  f"v{mv.version} (models from code) takes @{alias}")
+        result = GateResult(version=str(mv.version), status="promoted", previous_champion=str(champion.version),
+                            champion_value=None, reason=reason, reused_version=reused, **common)
+        result.gate_run_id = _record(client, mlflow, log_lineage, result, mv, metrics, None, dataset, ckpt,
+                                     metrics_path, experiment)
+        client.set_registered_model_alias(name, alias, str(mv.version))
+        client.set_model_version_tag(name, champion.version, "hivlp.superseded_by", str(mv.version))
+        log.info("%s v%s: %s", name, mv.version, reason)
+        return result
+    if same_weights:
         reason = f"version {champion.version} already holds @{alias} with these weights: nothing registered"
         client.set_model_version_tag(name, champion.version, "hivlp.gate.last", reason)
         log.info("%s v%s: %s", name, champion.version, reason)

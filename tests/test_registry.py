@@ -270,6 +270,13 @@ def test_a_better_model_takes_the_alias_and_a_champion_without_checkpoint_is_ref
     assert better.status == "promoted" and better.previous_champion == first.version
     assert client.get_model_version(name, first.version).tags["hivlp.superseded_by"] == better.version
 
+    # A champion registered the old (pickled) way, same weights: replaced by a models-from-code version
+    # registered from the same logged model (no second copy), without a comparison.
+    client.delete_model_version_tag(name, better.version, "hivlp.model_format")
+    legacy = promote(cps.better, cps.metrics["better"], **kw)
+    assert legacy.status == "promoted" and legacy.previous_champion == better.version != legacy.version
+    assert client.get_model_version(name, legacy.version).source == client.get_model_version(name, better.version).source
+
     # Back to the worse one as champion, then its checkpoint disappears: folder and model artifacts.
     client.set_registered_model_alias(name, "champion", first.version)
     shutil.rmtree(copy)
