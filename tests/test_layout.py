@@ -15,7 +15,7 @@ FLOORS = [
     ["hivlp/config.py", "hivlp/data/", "hivlp/pages.py"],
     ["hivlp/tracking.py", "hivlp/model/"],
     ["hivlp/registry.py", "hivlp/embeddings/"],
-    ["hivlp/retrieval/"],
+    ["hivlp/retrieval/", "hivlp/report.py"],
     ["hivlp/serve/"],
     ["hivlp/train/"],
     ["hivlp/bench/"],
