@@ -154,10 +154,15 @@ def test_a_fresh_clone_restores_the_run_from_the_remote(project, tmp_path):
 def test_exp_run_sets_a_recipe_field_and_exp_show_compares(project):
     repo = project["repo"]
     sh(["dvc", "exp", "run", "-n", "lr-high", "-S", "configs/pretrain.yaml:train.lr=0.003"], repo)
-    shown = sh(["dvc", "exp", "show", "--md"], repo)
-    assert "lr-high" in shown and "ar_064" in shown and "train.lr" in shown, shown
+    # README's form of the comparison
+    shown = sh(["dvc", "exp", "show", "--md", "--drop", ".*", "--keep", "Experiment|ar_|configs/pretrain.yaml:train.lr"],
+               repo)
+    header = [c.strip() for c in shown.splitlines()[0].strip("|").split("|")]
+    assert header == ["Experiment", "ar_032", "ar_064", "ar_128", "ar_256", "ar_512", "ar_c2f",
+                      "configs/pretrain.yaml:train.lr"], shown
     row = next(line for line in shown.splitlines() if "lr-high" in line)
-    assert "0.003" in row, shown
+    val = json.loads((repo / "metrics" / "val.json").read_text())  # the workspace holds the experiment's results
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == [f"{val[k]:g}" for k in header[1:7]] + ["0.003"], shown
     diff = sh(["dvc", "metrics", "diff", "HEAD", "lr-high", "--targets", "metrics/val.json", "--md"], repo)
     assert "ar_512" in diff, diff
 
