@@ -54,7 +54,7 @@ def _recalls(m: Any, where: str) -> dict[str, float]:
     return {k: round(_number(m[k], f"{where}.{k}"), 2) for k in RECALL_KEYS}
 
 
-def _levels(metrics: dict, where: str) -> list[int]:
+def _levels(metrics: dict, where: str, hint: str = _HINT_EVAL) -> list[int]:
     """The nested levels of a metrics object (its `dim_<d>` keys), ascending."""
     levels = []
     for key in metrics:
@@ -63,7 +63,7 @@ def _levels(metrics: dict, where: str) -> list[int]:
                 raise UsageError(f"{where}: level key {key!r} is not dim_<integer>; re-create the file")
             levels.append(int(key[4:]))
     if not levels:
-        raise UsageError(f"{where}: no dim_<d> level entries; is it hivlp's metrics JSON? {_HINT_EVAL}")
+        raise UsageError(f"{where}: no dim_<d> level entries; is it hivlp's output? {hint}")
     return sorted(levels)
 
 
@@ -94,17 +94,17 @@ def val_metrics(metrics: dict, where: str = "metrics") -> dict[str, Any]:
     return out
 
 
-def history_rows(histories: list[tuple[str, list]]) -> list[dict[str, Any]]:
-    """Rows of the per-epoch plot from (run name, history.json content) pairs, in training order."""
+def history_rows(histories: list[tuple[str, str, list]]) -> list[dict[str, Any]]:
+    """Rows of the per-epoch plot from (run name, file name, history.json content), in training order."""
     rows: list[dict[str, Any]] = []
     levels: list[int] | None = None
-    for run, history in histories:
+    for run, source, history in histories:
         for i, entry in enumerate(history):
-            where = f"{run} history.json entry {i}"
+            where = f"{source} entry {i}"
             if not isinstance(entry, dict) or not isinstance(entry.get("metrics"), dict):
                 raise UsageError(f"{where}: expected an object with 'metrics'; {_HINT_RUN}")
             m = entry["metrics"]
-            lv = _levels(m, where)
+            lv = _levels(m, where, _HINT_RUN)
             levels = levels or lv
             if lv != levels:
                 raise UsageError(f"{where}: levels {lv} differ from the earlier runs' {levels}; "
@@ -117,7 +117,7 @@ def history_rows(histories: list[tuple[str, list]]) -> list[dict[str, Any]]:
                 "seconds": _number(entry.get("seconds", 0.0), f"{where}: seconds"),
             }
             for d in lv:
-                row[f"ar_{d}"] = _recalls(m[f"dim_{d}"], f"{where}: dim_{d}")["r_mean"]
+                row[f"ar_{level_name(d)}"] = _recalls(m[f"dim_{d}"], f"{where}: dim_{d}")["r_mean"]
             if "coarse_to_fine" in m:
                 row[f"ar_{C2F}"] = _recalls(m["coarse_to_fine"], f"{where}: coarse_to_fine")["r_mean"]
             full = _recalls(m[f"dim_{lv[-1]}"], f"{where}: dim_{lv[-1]}")
@@ -156,7 +156,7 @@ def write_report(
     runs = []
     for h in histories:
         p = Path(h)
-        runs.append((p.parent.name or str(p), _read_object(p, _HINT_RUN, list)))
+        runs.append((p.parent.name or str(p), str(p), _read_object(p, _HINT_RUN, list)))
     history = history_rows(runs)
     if not history:
         raise UsageError(f"{', '.join(map(str, histories)) or 'no history.json given'}: no epoch recorded; "

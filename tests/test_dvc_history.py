@@ -106,7 +106,7 @@ def test_report_holds_what_the_run_measured(project, tmp_path):
     assert [(r["epoch"], r["run"], r["run_epoch"]) for r in history] == [
         ("1", "pretrain", "1"), ("2", "pretrain", "2"), ("3", "finetune", "1")]
     ft = json.loads((repo / "outputs" / "finetune" / "history.json").read_text())[0]["metrics"]
-    assert float(history[2]["ar_64"]) == round(ft["dim_64"]["r_mean"], 2)
+    assert float(history[2]["ar_064"]) == round(ft["dim_64"]["r_mean"], 2)
     assert float(history[2]["img_r1"]) == round(ft["dim_512"]["img_r1"], 2)
     levels = list(csv.DictReader((repo / "plots" / "levels.csv").open()))
     assert [int(r["dim"]) for r in levels] == LEVELS
