@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 setup:  ## create .venv from requirements/lock.txt, install hivlp, bring Flickr8k into data/
 	bash scripts/setup.sh
 
-demo: setup  ## the main job on the embedded defaults: validate -> pretrain -> finetune -> evaluate
+demo: setup  ## the main job: validate -> pretrain -> finetune -> evaluate -> report (restored from / pushed to the DVC remote)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/main_job.sh
 
 best: setup  ## the best recipe (configs/best-*.yaml, EfficientNet-Lite2): pretrain -> finetune -> evaluate into outputs/best

@@ -15,7 +15,7 @@ FLOORS = [
     ["hivlp/config.py", "hivlp/data/", "hivlp/pages.py"],
     ["hivlp/tracking.py", "hivlp/lineage.py", "hivlp/model/"],
     ["hivlp/registry.py", "hivlp/pyfunc_model.py", "hivlp/embeddings/"],
-    ["hivlp/retrieval/", "hivlp/gate.py"],
+    ["hivlp/retrieval/", "hivlp/gate.py", "hivlp/report.py"],
     ["hivlp/serve/"],
     ["hivlp/train/"],
     ["hivlp/bench/"],

@@ -34,6 +34,7 @@ COMMANDS = [
     "pretrain",
     "finetune",
     "evaluate",
+    "report",
     "export",
     "index",
     "search",
