@@ -351,8 +351,12 @@ def run_retrieval_bench(
     cfg: BenchConfig,
     workdir: str | Path | None = None,
     progress: bool = True,
+    partial_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every method at every size; returns {"rows", "levels", "config", "machine", ...}."""
+    """Run every method at every size; returns {"rows", "levels", "config", "machine", ...}.
+
+    `partial_out`: after each size, the results so far are written there as JSON (`"partial": true`,
+    `sizes_done`), so a run stopped at a large N keeps every size it finished."""
     from tqdm.auto import tqdm
 
     from hivlp.retrieval.evaluate import evaluate_embeddings
@@ -388,6 +392,21 @@ def run_retrieval_bench(
         if not held_out:
             result["notes"].append("every caption is measured: the ANN tuner used the measured queries")
     hnsw_builds: dict[str, tuple[int, float]] = {}  # method -> (n, build seconds) of its last build
+
+    def finish() -> dict[str, Any]:
+        machine["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        machine["loadavg_end"] = os.getloadavg()
+        result["config"] = {
+            **asdict(cfg), "sizes": sizes, "methods": methods, "n_queries": len(sel), "top_k": TOP_K,
+            "source": emb.source, "levels_evaluated": emb.levels,
+            "distractor_fit_images": distractors.n_fit, "seconds": time.time() - started,
+        }
+        if ann:
+            result["config"]["tune_queries_held_out"] = held_out
+        result["machine"] = machine
+        result["distractors"] = DISTRACTORS
+        result["speedups"] = speedups(result["rows"])
+        return result
 
     t = time.perf_counter()
     result["levels"] = evaluate_embeddings(
@@ -484,18 +503,33 @@ def run_retrieval_bench(
             exact_m = exact_top[:m] if exact_top is not None else None
             result["rows"] += _milvus_rows(gallery, queries[:m], true_rows[:m], exact_m, cfg, workdir, result["notes"])
         del gallery
+        if partial_out is not None and n != sizes[-1]:
+            done = [s for s in sizes if s <= n]
+            atomic_write_json(partial_out, {**finish(), "partial": True, "sizes_done": done})
     bar.close()
+    return finish()
 
-    machine["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    machine["loadavg_end"] = os.getloadavg()
-    result["config"] = {
-        **asdict(cfg), "sizes": sizes, "methods": methods, "n_queries": len(sel), "top_k": TOP_K,
-        "source": emb.source, "levels_evaluated": emb.levels,
-        "distractor_fit_images": distractors.n_fit, "seconds": time.time() - started,
-    }
-    result["machine"] = machine
-    result["distractors"] = DISTRACTORS
-    return result
+
+def speedups(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per size: how many times faster each method is than its full-dim peer, single and batched:
+    every flat coarse-to-fine and hierarchical ANN method vs `faiss_flat`, `ivf_c2f` vs `ivf_full`,
+    `hnsw_c2f` vs `hnsw_full` (keys "<method>/<reference>:single|batch"), with both agreements."""
+    out: dict[str, dict[str, float]] = {}
+    by = {(r["method"], r["n"]): r for r in rows}
+    pairs = [(m, "faiss_flat") for m in ("c2f_fp32", "c2f_int8", "c2f_binary", "ivf_c2f", "hnsw_c2f", "ivf_full",
+                                         "hnsw_full")]
+    pairs += [("ivf_c2f", "ivf_full"), ("hnsw_c2f", "hnsw_full")]
+    for n in sorted({r["n"] for r in rows}):
+        cell: dict[str, float] = {}
+        for fast, ref in pairs:
+            a, b = by.get((fast, n)), by.get((ref, n))
+            if a is None or b is None:
+                continue
+            cell[f"{fast}/{ref}:single"] = b["ms_single_p50"] / a["ms_single_p50"]
+            cell[f"{fast}/{ref}:batch"] = b["ms_batch_p50"] / a["ms_batch_p50"]
+        if cell:
+            out[str(n)] = cell
+    return out
 
 
 def _milvus_rows(
@@ -706,7 +740,7 @@ def plot_levels(result: dict[str, Any]) -> Any:
 def format_rows(result: dict[str, Any]) -> str:
     """A plain-text table of the rows, for the terminal."""
     head = (f"{'method':<12} {'n':>9} {'ms_single':>10} {'ms_batch':>9} {'bytes/it':>9} "
-            f"{'R@1':>6} {'R@10':>6} {'agree10':>8}")
+            f"{'R@1':>6} {'R@10':>6} {'agree10':>8}  tuned / build")
     lines = [head]
     for r in result["rows"]:
         agree = r.get("agree10")
@@ -714,5 +748,7 @@ def format_rows(result: dict[str, Any]) -> str:
             f"{r['method']:<12} {r['n']:>9} {r['ms_single_p50']:>10.3f} {r['ms_batch_p50']:>9.3f} "
             f"{r['bytes_per_item']:>9.1f} {r['r1']:>6.1f} {r['r10']:>6.1f} "
             + (f"{agree:>8.3f}" if agree is not None else f"{'-':>8}")
+            + (f"  {r['param']}={r['param_value']}, K={r.get('shortlist', '-')}, build {r['build_s']:.1f} s"
+               if "param" in r else "")
         )
     return "\n".join(lines)

@@ -158,7 +158,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     # Milvus Lite's files go under the cache folder, not /tmp, which others may clean while it runs.
-    result = run_retrieval_bench(emb, cfg, workdir=args.cache_dir)
+    # After each size the results so far go to --out (marked partial): a run stopped at 1M keeps the rest.
+    result = run_retrieval_bench(emb, cfg, workdir=args.cache_dir, partial_out=out)
     written = write_results(result, out)
     print(format_rows(result))
     for note in result["notes"]:
