@@ -78,7 +78,11 @@ def test_bench_writes_json_and_plots_with_every_method(emb, tmp_path):
     cfg = BenchConfig(sizes=[2000, 200], threads=1, repeats=3, batch=64, queries=150, shortlist=50,
                       coarse_dim=32, binary_dim=32, binary_bits=128, binary_shortlist=200, binary_keep=50,
                       milvus=False)
-    result = run_retrieval_bench(emb, cfg, progress=False)
+    result = run_retrieval_bench(emb, cfg, progress=False, partial_out=tmp_path / "partial.json")
+    partial = json.loads((tmp_path / "partial.json").read_text())  # written after N = 200, not after the last
+    assert partial["partial"] and partial["sizes_done"] == [200] and {r["n"] for r in partial["rows"]} == {200}
+    assert "partial" not in result and set(result["speedups"]) == {"200", "2000"}
+    assert result["speedups"]["2000"]["ivf_c2f/ivf_full:single"] > 0
     written = write_results(result, tmp_path / "retrieval.json")
     names = ["retrieval.json", "retrieval_latency.png", "retrieval_tradeoff.png", "retrieval_levels.png"]
     assert [p.name for p in written] == names
