@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Real val captions as queries against galleries of N items: their true images plus "
             "Gaussian distractors fitted to the real image embeddings. Methods: exact numpy matmul, "
-            "FAISS flat, coarse-to-fine with fp32 / int8 / binary coarse codes (and Milvus Lite at "
-            "N=100k when available). Embeddings come from --embeddings, else from --checkpoint "
+            "FAISS flat, coarse-to-fine with fp32 / int8 / binary coarse codes, FAISS IVF-Flat and HNSW "
+            "over the full vectors and over the prefix with a full re-rank, tuned to --target-agreement "
+            "(and Milvus Lite at N=100k when available). Embeddings come from --embeddings, else from --checkpoint "
             "(encoded once, cached under --cache-dir)."
         ),
     )
@@ -81,6 +82,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_g.add_argument("--milvus-queries", type=int, default=200,
                        help="queries sent through Milvus Lite, the first of --queries (default: %(default)s)")
     run_g.add_argument("--seed", type=int, default=0, help="query sample and distractor seed (default: %(default)s)")
+    ann = r.add_argument_group("ANN peers (FAISS IVF-Flat / HNSW, full-dim and over the prefix + re-rank)")
+    ann.add_argument("--target-agreement", type=float, default=0.99,
+                     help="nprobe / efSearch are raised until top-10 agreement with exact search reaches this "
+                          "(default: %(default)s)")
+    ann.add_argument("--tune-queries", type=int, default=500,
+                     help="held-out captions (not among --queries) the tuner uses (default: %(default)s)")
+    ann.add_argument("--ann-shortlist", type=int, default=0,
+                     help="re-rank list of ivf_c2f / hnsw_c2f; 0 = the shortest whose exact-prefix ceiling "
+                          "reaches the target (default: %(default)s)")
+    ann.add_argument("--nlist", type=int, default=0, help="IVF lists; 0 = about 4 sqrt(N) (default: %(default)s)")
+    ann.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (default: %(default)s)")
+    ann.add_argument("--ef-construction", type=int, default=40, help="HNSW efConstruction (default: %(default)s)")
+    ann.add_argument("--hnsw-build-limit", type=float, default=600,
+                     help="seconds: HNSW is skipped at a size whose build, extrapolated from the previous "
+                          "size, would take longer (default: %(default)s)")
     r.set_defaults(func=run_retrieval)
     register_serve(sub)
     register_text(sub)
@@ -108,6 +124,14 @@ def run_retrieval(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if args.embeddings and args.synthetic:
         raise UsageError("pass either --embeddings or --synthetic, not both")
+    if not 0 < args.target_agreement <= 1:
+        raise UsageError(f"--target-agreement must be in (0, 1], got {args.target_agreement}")
+    for name, value in (("--tune-queries", args.tune_queries), ("--hnsw-m", args.hnsw_m),
+                        ("--ef-construction", args.ef_construction)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    if args.ann_shortlist < 0 or args.nlist < 0 or args.hnsw_build_limit <= 0:
+        raise UsageError("--ann-shortlist and --nlist must be >= 0 (0 = automatic), --hnsw-build-limit > 0")
     if args.encode_batch_size < 1 or args.queries < 0:
         raise UsageError("--encode-batch-size must be >= 1 and --queries >= 0")
     from hivlp.io import check_output_file
@@ -128,10 +152,14 @@ def run_retrieval(args: argparse.Namespace) -> int:
         queries=args.queries, shortlist=args.shortlist, coarse_dim=args.coarse_dim,
         binary_dim=args.binary_dim, binary_bits=args.binary_bits, binary_shortlist=args.binary_shortlist,
         binary_keep=args.binary_keep, milvus=not args.no_milvus, milvus_queries=args.milvus_queries, seed=args.seed,
+        target_agreement=args.target_agreement, tune_queries=args.tune_queries, ann_shortlist=args.ann_shortlist,
+        nlist=args.nlist, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+        hnsw_build_limit_s=args.hnsw_build_limit,
     )
     out = Path(args.out)
     # Milvus Lite's files go under the cache folder, not /tmp, which others may clean while it runs.
-    result = run_retrieval_bench(emb, cfg, workdir=args.cache_dir)
+    # After each size the results so far go to --out (marked partial): a run stopped at 1M keeps the rest.
+    result = run_retrieval_bench(emb, cfg, workdir=args.cache_dir, partial_out=out)
     written = write_results(result, out)
     print(format_rows(result))
     for note in result["notes"]:
