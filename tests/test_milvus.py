@@ -154,15 +154,15 @@ def test_rows_lost_or_added_behind_a_complete_index_are_repaired(db, exported):
     idx = MilvusDualIndex(db, "lossy")
     idx.build(exported, progress=False)
     client = idx._client
-    client.delete("lossy_fine", ids=[int(i) for i in idx.search(np.ones(512), k=3).ids[0]])
+    client.delete(idx.fine, ids=[int(i) for i in idx.search(np.ones(512), k=3).ids[0]])
     assert idx.counts()["fine"]["image"] == 29
     again = MilvusDualIndex(db, "lossy").build(exported, progress=False)
     assert again["status"] == "built" and again["upserted"] == 192
     assert idx.counts()["fine"] == {"image": 32, "text": 160}
     # a row the export does not have (e.g. written by hand): the index is rebuilt without it
-    row = client.get("lossy_coarse", ids=[int(idx.search(np.ones(512), k=1).ids[0, 0])])[0]
-    client.insert("lossy_coarse", [dict(row, id=123456789)], partition_name="image")
-    client.flush("lossy_coarse")
+    row = client.get(idx.coarse, ids=[int(idx.search(np.ones(512), k=1).ids[0, 0])])[0]
+    client.insert(idx.coarse, [dict(row, id=123456789)], partition_name="image")
+    client.flush(idx.coarse)
     assert idx.counts()["coarse"]["image"] == 33
     assert MilvusDualIndex(db, "lossy").build(exported, progress=False)["status"] == "built"
     assert idx.counts() == {"coarse": {"image": 32, "text": 160}, "fine": {"image": 32, "text": 160}}
