@@ -737,6 +737,9 @@ class MilvusDualIndex(SearchEngine):
             )
             for kind in KINDS:
                 self._client.create_partition(coll, kind)
+        # Indexed and loaded from the start, so an interrupted build can be counted (Milvus queries
+        # only loaded collections, and loads only indexed ones); segments are indexed as they seal.
+        self._ensure_indexes(pair, info)
 
     def _mark(self, pair: tuple[str, str], complete: bool) -> None:
         """Set hivlp.complete; when marking complete, the fine collection goes first, the coarse last."""
