@@ -44,6 +44,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ ALIAS_TTL_S = 2.0  # a search process re-resolves the aliases at most this often
 SERVING_CONSISTENCY = "Bounded"
 VERIFY_SAMPLE = 64  # rows read back from a new version before it serves
 STORE_ENV = "HIVLP_VECTOR_STORE"
+HNSW_EF = 128  # default HNSW search breadth (never below the shortlist); see _search_params
+IVF_NPROBE = 32
 
 
 class MilvusError(HivlpError):
@@ -270,6 +273,7 @@ class MilvusDualIndex(SearchEngine):
         self._infos: dict[str, IndexInfo] = {}
         self._stores: dict[str, VectorStore | None] = {}
         self._lock = threading.Lock()
+        self._loaded: set[str] = set()
 
     def close(self) -> None:
         self._client.close()
@@ -377,7 +381,7 @@ class MilvusDualIndex(SearchEngine):
                 "to complete it"
             )
         for c in pair:
-            self._client.load_collection(c)
+            self._load(c)
         self._infos[pair[0]] = info
         return info, pair[0], pair[1]
 
@@ -388,7 +392,7 @@ class MilvusDualIndex(SearchEngine):
     def _counts_of(self, pair: tuple[str, str]) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for label, coll in zip(("coarse", "fine"), pair):
-            self._client.load_collection(coll)
+            self._load(coll)
             out[label] = {}
             for kind in KINDS:
                 # A filter, not partition_names: Milvus Lite counts the whole collection with the latter.
@@ -620,8 +624,8 @@ class MilvusDualIndex(SearchEngine):
             raise
         finally:
             bar.close()
-        for c in pair:
-            self._client.flush(c)
+        with ThreadPoolExecutor(2) as pool:  # a server's flush waits for the segments to seal: ~2 s each
+            list(pool.map(self._client.flush, pair))
         if max_rows is not None and done < total:
             writer.abort()
             return done
@@ -657,8 +661,6 @@ class MilvusDualIndex(SearchEngine):
         vecs, found = store.get(np.asarray(ids))
         if not found.all() or not np.allclose(vecs, expect, atol=1e-6):
             raise MilvusError(f"vector store {self.store_dir}: sampled rows differ from what was written")
-        self._client.load_collection(coarse)
-        self._client.load_collection(fine)
         probe = ids[0]
         kind = self._client.query(coarse, filter=f"id == {probe}", output_fields=["kind"],
                                   consistency_level="Strong")[0]["kind"]
@@ -714,6 +716,7 @@ class MilvusDualIndex(SearchEngine):
         for c in pair:
             if self._client.has_collection(c):
                 self._client.drop_collection(c)
+            self._loaded.discard(c)
         vs.remove(self.store_dir, pair[0][: -len("_coarse")])
         self._infos.pop(pair[0], None)
         self._stores.pop(pair[1], None)
@@ -737,8 +740,9 @@ class MilvusDualIndex(SearchEngine):
             )
             for kind in KINDS:
                 self._client.create_partition(coll, kind)
-        # Indexed and loaded from the start, so an interrupted build can be counted (Milvus queries
-        # only loaded collections, and loads only indexed ones); segments are indexed as they seal.
+        # Indexed and loaded from the start (loading an empty collection is quicker than a full one),
+        # so an interrupted build can be counted: Milvus queries only loaded collections, and loads
+        # only indexed ones; segments are indexed as they seal.
         self._ensure_indexes(pair, info)
 
     def _mark(self, pair: tuple[str, str], complete: bool) -> None:
@@ -765,7 +769,7 @@ class MilvusDualIndex(SearchEngine):
                 rows = [dict(m, **{VECTOR: vecs[i]}) for m, i in zip(meta, sel.tolist())]
                 self._client.upsert(coll, rows, partition_name=kind)
 
-    def _ensure_indexes(self, pair: tuple[str, str], info: IndexInfo) -> None:
+    def _ensure_indexes(self, pair: tuple[str, str], info: IndexInfo, load: bool = True) -> None:
         n = sum(info.expected.values())
         specs = {pair[0]: _index_params(info.index_type, n), pair[1]: ("FLAT", {})}
         for coll, (itype, params) in specs.items():
@@ -774,7 +778,15 @@ class MilvusDualIndex(SearchEngine):
                 ip.add_index(field_name=VECTOR, index_type=itype, metric_type="IP", params=params)
                 with _quiet_milvus_logs():  # Lite lacks AllocTimestamp; pymilvus copes but logs it
                     self._client.create_index(coll, ip)
+        if load:
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(self._load, pair))
+
+    def _load(self, coll: str) -> None:
+        """Load a collection once per client (a repeated load call still costs a round trip or more)."""
+        if coll not in self._loaded:
             self._client.load_collection(coll)
+            self._loaded.add(coll)
 
     def drop(self) -> None:
         """Drop the aliases, every version and its vector store, and a pre-versioning pair."""
@@ -1022,14 +1034,16 @@ def _nlist(n: int) -> int:
 
 
 def _search_params(index_type: str, limit: int, n: int, ef: int | None) -> dict[str, Any]:
-    """Generous defaults: the coarse pass should return the exact prefix top-`limit` (nearly)
-    always, since the re-rank cannot recover a candidate the shortlist missed. HNSW: ef = 8*limit
-    (its agreement with exact search is measured in bench/results/); IVF_FLAT: a quarter of the lists
-    and at least 32 (FAISS caps nprobe at the segment's nlist). An explicit `ef` wins (never below
-    `limit`)."""
+    """Search breadth of the coarse ANN pass. `ef` (an explicit override) is HNSW's ef or IVF's nprobe.
+
+    Defaults, from bench/results/milvus_server.json (N = 100k, 64-d coarse prefix, shortlist 100):
+    HNSW ef = max(limit, HNSW_EF); IVF_FLAT nprobe = IVF_NPROBE (capped at nlist); the re-rank cannot
+    recover a candidate the shortlist missed, so these are set where agreement with exact search
+    reaches 0.99."""
     if index_type == "HNSW":
-        ef = max(ef, limit) if ef is not None else min(max(8 * limit, 256), 32768)
-        return {"metric_type": "IP", "params": {"ef": ef}}
+        ef = max(ef, limit) if ef is not None else max(limit, HNSW_EF)
+        return {"metric_type": "IP", "params": {"ef": min(ef, 32768)}}
     if index_type == "IVF_FLAT":
-        return {"metric_type": "IP", "params": {"nprobe": max(32, _nlist(n) // 4)}}
+        nprobe = ef if ef is not None else IVF_NPROBE
+        return {"metric_type": "IP", "params": {"nprobe": int(np.clip(nprobe, 1, _nlist(n)))}}
     return {"metric_type": "IP", "params": {}}
