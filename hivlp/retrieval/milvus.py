@@ -75,6 +75,7 @@ ALIAS_TTL_S = 2.0  # a search process re-resolves the aliases at most this often
 SERVING_CONSISTENCY = "Bounded"
 VERIFY_SAMPLE = 64  # rows read back from a new version before it serves
 STORE_ENV = "HIVLP_VECTOR_STORE"
+INDEX_WAIT_S = 3600.0  # longest wait for a server to index a new version's rows
 HNSW_EF = 128  # default HNSW search breadth (never below the shortlist); see _search_params
 IVF_NPROBE = 32
 
@@ -740,10 +741,9 @@ class MilvusDualIndex(SearchEngine):
             )
             for kind in KINDS:
                 self._client.create_partition(coll, kind)
-        # Indexed and loaded from the start (loading an empty collection is quicker than a full one),
-        # so an interrupted build can be counted: Milvus queries only loaded collections, and loads
-        # only indexed ones; segments are indexed as they seal.
-        self._ensure_indexes(pair, info)
+        # Indexed from the start, so an interrupted build can be loaded and counted (Milvus queries
+        # only loaded collections, and loads only indexed ones).
+        self._ensure_indexes(pair, info, load=False)
 
     def _mark(self, pair: tuple[str, str], complete: bool) -> None:
         """Set hivlp.complete; when marking complete, the fine collection goes first, the coarse last."""
@@ -779,8 +779,24 @@ class MilvusDualIndex(SearchEngine):
                 with _quiet_milvus_logs():  # Lite lacks AllocTimestamp; pymilvus copes but logs it
                     self._client.create_index(coll, ip)
         if load:
+            self._wait_indexed(pair)
             with ThreadPoolExecutor(2) as pool:
                 list(pool.map(self._load, pair))
+
+    def _wait_indexed(self, pair: tuple[str, str], timeout: float = INDEX_WAIT_S) -> None:
+        """Wait until a server has built the index of every flushed row (it builds them in the
+        background after a flush; until then searches scan unindexed segments)."""
+        t0 = time.monotonic()
+        for coll in pair:
+            while True:
+                d = self._client.describe_index(coll, VECTOR)
+                total, done = d.get("total_rows"), d.get("indexed_rows")
+                if total is None or done is None or (done >= total and not d.get("pending_index_rows")):
+                    break
+                if time.monotonic() - t0 > timeout:
+                    raise MilvusError(f"{coll} at {self.uri}: index built for {done} of {total} rows after "
+                                      f"{timeout:g} s; the served version is unchanged, re-run `hivlp index`")
+                time.sleep(0.5)
 
     def _load(self, coll: str) -> None:
         """Load a collection once per client (a repeated load call still costs a round trip or more)."""
