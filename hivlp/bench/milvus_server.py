@@ -115,8 +115,10 @@ def milvus_server_bench(
     embeddings: str | Path | None = None,
     seed: int = 0,
     rounds: int = 2,
+    on_backend: Any = None,
 ) -> dict[str, Any]:
-    """Build the indexes at each backend, time them side by side, return the result dict."""
+    """Build the indexes at each backend, time them side by side, return the result dict
+    (`on_backend(result)` is called after each backend's rows are in)."""
     from hivlp.bench.retrieval import (
         BenchEmbeddings,
         GaussianDistractors,
@@ -169,6 +171,8 @@ def milvus_server_bench(
                 fetch = stack.enter_context(MilvusDualIndex(uri, "bench_c2f_hnsw", store_dir=root / "no-store"))
             configs = _configs_for(backend, uri, indexes, list(shortlists), list(efs), list(nprobes), fetch)
             result["rows"] += _run_configs(configs, queries, true_rows, exact, rounds=rounds)
+            if on_backend is not None:  # e.g. write what is measured so far
+                on_backend(result)
             if backend == "lite":  # Lite holds its .db until the client closes; free it for the next run
                 for idx in list(indexes.values()) + ([fetch] if fetch else []):
                     idx.close()

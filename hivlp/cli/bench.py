@@ -271,7 +271,8 @@ def run_milvus(args: argparse.Namespace) -> int:
         raise UsageError("--n must be >= 1000 and --queries >= 1")
     result = milvus_server_bench(n=args.n, n_queries=args.queries, shortlists=tuple(args.shortlists),
                                  efs=tuple(args.efs), nprobes=tuple(args.nprobes), backends=backends,
-                                 coarse_types=coarse, workdir=args.workdir, embeddings=args.embeddings)
+                                 coarse_types=coarse, workdir=args.workdir, embeddings=args.embeddings,
+                                 on_backend=lambda partial: write(partial, args.out))
     result["command"] = "hivlp bench milvus " + " ".join(sys.argv[3:])
     for line in summary_lines(result):
         print(line)
