@@ -402,3 +402,28 @@ def test_in_memory_engines_cap_k_and_shortlist(arrays, caplog):
     tracemalloc.stop()
     assert c2f.ids.shape == exact.ids.shape == (2, 32) and peak < 20e6
     assert "k capped at 32" in caplog.text and "shortlist capped at 32" in caplog.text
+
+
+def test_a_server_that_cannot_start_raises_with_its_log_tail(tmp_path):
+    """What the `milvus_server` fixture turns into a test failure: a server binary that dies at start
+    (here a stand-in script placed where the package unpacks the real one) gives MilvusServerError
+    naming the folder and quoting the end of its log."""
+    import hashlib
+    from pathlib import Path
+
+    import milvus
+
+    from hivlp.retrieval.milvus_server import MilvusServerError, local_server
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "milvus"
+    fake.write_text("#!/bin/sh\necho 'fake milvus: cannot open its data folder' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    lzma = Path(milvus.__file__).parent / "data" / "bin" / "milvus.lzma"
+    (bin_dir / "milvus.lzma.md5").write_text(hashlib.md5(lzma.read_bytes()).hexdigest())
+    t = time.perf_counter()
+    with pytest.raises(MilvusServerError, match=r"(?s)exited \(code 3\).*fake milvus: cannot open its data folder"):
+        with local_server(tmp_path, timeout=60):
+            pass
+    assert time.perf_counter() - t < 60
