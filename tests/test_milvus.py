@@ -427,3 +427,31 @@ def test_a_server_that_cannot_start_raises_with_its_log_tail(tmp_path):
         with local_server(tmp_path, timeout=60):
             pass
     assert time.perf_counter() - t < 60
+
+
+def test_index_built_before_versioning_is_served_then_replaced(tmp_path, exported2, arrays):
+    """Plain collections named like the aliases (what `hivlp index` built before versions) still
+    answer, and the first versioned build of that name replaces them with aliases."""
+    from hivlp.embeddings.format import read_manifest
+
+    db = str(tmp_path / "old.db")
+    idx = MilvusDualIndex(db, "old")
+    legacy = (idx.alias_coarse, idx.alias_fine)
+    t = load_embeddings(exported2)
+    emb = batch_embeddings(t)
+    m = read_manifest(exported2)
+    info = idx._wanted_info(dim=512, coarse_dim=64, index="FLAT", kinds=("image", "text"),
+                            weights_sha256=m["weights_sha256"], digest="legacy", expected=m["counts"])
+    idx._create(legacy, info)
+    cols = {c: t.column(c).to_pylist() for c in ("id", "kind", "imgid", "sentid", "filename", "caption")}
+    idx._upsert(legacy, cols, l2_normalize(emb), 64)
+    for c in legacy:
+        idx._client.flush(c)
+    idx._ensure_indexes(legacy, info)
+    idx._mark(legacy, True)
+    assert idx.served(refresh=True) == legacy and idx.versions() == []
+    assert idx.search(arrays[3][:2], k=3, shortlist=16).ids.shape == (2, 3)  # no store: fetched by id
+    assert idx.build(exported2, progress=False)["status"] == "built"
+    assert idx.served(refresh=True) == idx.version_names(1) and idx._alias_target(idx.alias_coarse)
+    assert idx.search(arrays[3][:2], k=3, shortlist=16).ids.shape == (2, 3)
+    idx.close()
