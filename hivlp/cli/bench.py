@@ -1,7 +1,8 @@
 """`hivlp bench`: measured benchmarks. `hivlp bench retrieval`: exact vs coarse-to-fine search as the
 gallery grows (latency single and batched, bytes per item, true-image recall, agreement with exact).
 `hivlp bench serve`: a load test of `hivlp serve` on loopback (latency percentiles, errors).
-`hivlp bench text`: ms per caption through each text tower (single and batched)."""
+`hivlp bench text`: ms per caption through each text tower (single and batched).
+`hivlp bench milvus`: served coarse-to-fine vs a full-dim HNSW collection on a real Milvus server and Lite."""
 
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_retrieval)
     register_serve(sub)
     register_text(sub)
+    register_milvus(sub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -258,4 +260,50 @@ def run_text(args: argparse.Namespace) -> int:
     atomic_write_json(args.out, result)
     print(format_text_rows(result))
     print(f"written: {args.out}")
+    return 0
+
+
+def register_milvus(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "milvus", help="served coarse-to-fine vs full-dim HNSW on a real Milvus server and on Lite; JSON + PNG",
+        description="Start a local Milvus 2.3 server (PyPI `milvus`), build a full-dim HNSW index and 64-d "
+                    "coarse-to-fine indexes (HNSW, IVF_FLAT, FLAT coarse collections) at N items, the same on "
+                    "Milvus Lite, and time single queries side by side with a breakdown per stage.",
+    )
+    m.add_argument("--n", type=int, default=100_000, help="gallery size (default: %(default)s)")
+    m.add_argument("--queries", type=int, default=300, help="caption queries timed (default: %(default)s)")
+    m.add_argument("--shortlists", type=_int_list, default=[50, 100, 200], help="(default: 50,100,200)")
+    m.add_argument("--efs", type=_int_list, default=[64, 128, 256], help="HNSW ef values (default: 64,128,256)")
+    m.add_argument("--nprobes", type=_int_list, default=[16, 64], help="IVF nprobe values (default: 16,64)")
+    m.add_argument("--backends", default="server,lite", help="server, lite or both (default: %(default)s)")
+    m.add_argument("--coarse-indexes", default="HNSW,IVF_FLAT,FLAT", help="(default: %(default)s)")
+    m.add_argument("--embeddings", metavar="NPZ", help="embeddings .npz (as `hivlp bench retrieval`); "
+                   "default: synthetic nested embeddings")
+    m.add_argument("--workdir", help="folder for the server's data and the indexes (default: a temporary one)")
+    m.add_argument("--out", default="bench/results/milvus_server.json", help="(default: %(default)s)")
+    m.set_defaults(func=run_milvus)
+
+
+def run_milvus(args: argparse.Namespace) -> int:
+    import sys
+
+    from hivlp.bench.milvus_server import milvus_server_bench, summary_lines, write
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    coarse = tuple(c.strip().upper() for c in args.coarse_indexes.split(",") if c.strip())
+    if not backends or set(backends) - {"server", "lite"}:
+        raise UsageError(f"--backends {args.backends}: choose server, lite or both")
+    if set(coarse) - {"HNSW", "IVF_FLAT", "FLAT"}:
+        raise UsageError(f"--coarse-indexes {args.coarse_indexes}: choose from HNSW, IVF_FLAT, FLAT")
+    if args.n < 1000 or args.queries < 1:
+        raise UsageError("--n must be >= 1000 and --queries >= 1")
+    result = milvus_server_bench(n=args.n, n_queries=args.queries, shortlists=tuple(args.shortlists),
+                                 efs=tuple(args.efs), nprobes=tuple(args.nprobes), backends=backends,
+                                 coarse_types=coarse, workdir=args.workdir, embeddings=args.embeddings,
+                                 on_backend=lambda partial: write(partial, args.out))
+    result["command"] = "hivlp bench milvus " + " ".join(sys.argv[3:])
+    for line in summary_lines(result):
+        print(line)
+    for path in write(result, args.out):
+        print(f"wrote {path}")
     return 0

@@ -26,6 +26,7 @@ shortlist of N gives the exact engine's answer.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hivlp.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 CODES = ("fp32", "int8", "binary")
 DEFAULT_COARSE_DIM = 64
@@ -201,8 +204,11 @@ class InMemoryEngine(SearchEngine):
         return l2_normalize(q)
 
     def _check_k(self, k: int) -> int:
+        """k capped at the gallery size (with a warning): results are [Q, k], never larger."""
         if k < 1:
             raise UsageError(f"k must be >= 1, got {k}")
+        if k > self.n:
+            log.warning("k capped at %d, the gallery size (asked for %d)", self.n, k)
         return min(int(k), self.n)
 
     def _result(self, rows: np.ndarray, scores: np.ndarray) -> SearchResult:
@@ -421,7 +427,12 @@ class CoarseToFineEngine(InMemoryEngine):
         k = self._check_k(k)
         if shortlist is not None and shortlist < 1:
             raise UsageError(f"shortlist must be >= 1, got {shortlist}")
-        shortlist = min(max(self.shortlist if shortlist is None else int(shortlist), k), self.n)
+        asked = shortlist
+        shortlist = max(self.shortlist if shortlist is None else int(shortlist), k)
+        if shortlist > self.n:
+            if asked is not None and asked > self.n:
+                log.warning("shortlist capped at %d, the gallery size (asked for %d)", self.n, shortlist)
+            shortlist = self.n
         cand = self._coarse_candidates(q, shortlist)
         t1 = time.perf_counter()
         cand.sort(axis=1)  # ascending rows, so the stable sorts below send ties to the lower row
