@@ -58,3 +58,30 @@ def write_slice(raw: dict, out_dir: Path, n_train: int, n_val: int) -> Path:
 def slice_json(tmp_path_factory, flickr8k_raw) -> Path:
     """64 train + 32 val real images (5 captions each), absolute image paths."""
     return write_slice(flickr8k_raw, tmp_path_factory.mktemp("slice"), n_train=64, n_val=32)
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus 2.3 standalone server (PyPI `milvus`) on free loopback ports, one per test session.
+
+    Its URI is yielded; local vector stores of server indexes go under its folder ($HIVLP_VECTOR_STORE).
+    A server that cannot start fails the test with the tail of its log: never a skip.
+    """
+    from hivlp.retrieval.milvus_server import MilvusServerError, local_server
+
+    base = tmp_path_factory.mktemp("milvus-server")
+    server = local_server(base)
+    try:
+        uri = server.__enter__()
+    except MilvusServerError as e:
+        pytest.fail(f"the Milvus server fixture could not start a server: {e}")
+    old = os.environ.get("HIVLP_VECTOR_STORE")
+    os.environ["HIVLP_VECTOR_STORE"] = str(base / "vectors")
+    try:
+        yield uri
+    finally:
+        if old is None:
+            os.environ.pop("HIVLP_VECTOR_STORE", None)
+        else:
+            os.environ["HIVLP_VECTOR_STORE"] = old
+        server.__exit__(None, None, None)

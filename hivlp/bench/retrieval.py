@@ -12,6 +12,13 @@ Rows: {"method", "n", "ms_single_p50", "ms_batch_p50", "bytes_per_item", "r1", "
 - r1, r10: percent of queries whose true image is first / in the top 10;
 - agree10: mean overlap (0..1) of the top 10 with exact full-dim search (when `exact` runs too; the
   `exact` row is that reference and carries none).
+
+ANN peers (`hivlp.retrieval.ann`): FAISS IVF-Flat and HNSW over the full vectors (`ivf_full`,
+`hnsw_full`) and over the 64-d prefix with a full-vector re-rank (`ivf_c2f`, `hnsw_c2f`), each tuned
+per size on held-out captions (not the measured queries) to the first nprobe / efSearch whose top-10
+agreement with exact search reaches `target_agreement`; the hierarchical ones first get the shortest
+shortlist whose exact-prefix ceiling reaches the target plus a margin. HNSW is skipped at a size
+whose build, extrapolated from the previous size, would exceed `hnsw_build_limit_s`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from hivlp import DEFAULT_LEVELS
 from hivlp.bench.measure import TOP_K, quality, time_batches, time_single
 from hivlp.errors import UsageError
 from hivlp.io import atomic_write_bytes, atomic_write_json
+from hivlp.retrieval.ann import AnnEngine, choose_shortlist, coarse_ceiling, tune
 from hivlp.retrieval.inmemory import (
     CoarseToFineEngine,
     ExactEngine,
@@ -45,7 +53,9 @@ from hivlp.retrieval.inmemory import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exact", "faiss_flat", "c2f_fp32", "c2f_int8", "c2f_binary")
+FLAT_METHODS = ("exact", "faiss_flat", "c2f_fp32", "c2f_int8", "c2f_binary")
+ANN_METHODS = ("ivf_full", "ivf_c2f", "hnsw_full", "hnsw_c2f")
+METHODS = FLAT_METHODS + ANN_METHODS
 DEFAULT_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 MILVUS_SIZE = 100_000
 DISTRACTORS = (
@@ -282,10 +292,26 @@ class BenchConfig:
     milvus: bool = True
     milvus_queries: int = 200  # Milvus Lite searches are slow (gRPC, fetch by id): a subset of the queries
     seed: int = 0
+    # ANN peers
+    target_agreement: float = 0.99  # nprobe / efSearch are raised until top-10 agreement reaches this
+    tune_queries: int = 500  # held-out captions (not among the measured queries) the tuner uses
+    ann_shortlist: int = 0  # re-rank list of the hierarchical indexes; 0 = shortest reaching the target
+    nlist: int = 0  # IVF lists; 0 = about 4 sqrt(N)
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    hnsw_build_limit_s: float = 600.0  # skip HNSW at sizes whose extrapolated build exceeds this
 
 
-def make_engine(method: str, gallery: np.ndarray, cfg: BenchConfig) -> InMemoryEngine:
-    """The engine behind a method name, over an already normalised gallery (shared, not copied)."""
+def make_engine(method: str, gallery: np.ndarray, cfg: BenchConfig, ann_shortlist: int | None = None) -> InMemoryEngine:
+    """The engine behind a method name, over an already normalised gallery (shared, not copied).
+    `ann_shortlist`: re-rank list of the hierarchical ANN methods (default: cfg.ann_shortlist or 200)."""
+    if method in ANN_METHODS:
+        kind, level = method.split("_")
+        return AnnEngine(
+            gallery, index=kind, coarse_dim=cfg.coarse_dim if level == "c2f" else None,
+            shortlist=ann_shortlist or cfg.ann_shortlist or 200, nlist=cfg.nlist or None, m=cfg.hnsw_m,
+            ef_construction=cfg.ef_construction, normalized=True, seed=cfg.seed,
+        )
     if method == "exact":
         return ExactEngine(gallery, normalized=True, kernel="numpy")
     if method == "faiss_flat":
@@ -310,13 +336,27 @@ def _select_queries(emb: BenchEmbeddings, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(len(emb.text), size=n, replace=False))
 
 
+def _tuning_queries(emb: BenchEmbeddings, sel: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, bool]:
+    """(captions the ANN tuner uses, held_out): up to n captions outside the measured ones; when
+    every caption is measured, the measured ones themselves (held_out False, noted in the JSON)."""
+    rest = np.setdiff1d(np.arange(len(emb.text)), sel)
+    if len(rest) == 0:
+        return sel[:n], False
+    pick = rest if len(rest) <= n else np.random.default_rng(seed + 1).choice(rest, size=n, replace=False)
+    return np.sort(pick), True
+
+
 def run_retrieval_bench(
     emb: BenchEmbeddings,
     cfg: BenchConfig,
     workdir: str | Path | None = None,
     progress: bool = True,
+    partial_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every method at every size; returns {"rows", "levels", "config", "machine", ...}."""
+    """Run every method at every size; returns {"rows", "levels", "config", "machine", ...}.
+
+    `partial_out`: after each size, the results so far are written there as JSON (`"partial": true`,
+    `sizes_done`), so a run stopped at a large N keeps every size it finished."""
     from tqdm.auto import tqdm
 
     from hivlp.retrieval.evaluate import evaluate_embeddings
@@ -345,6 +385,28 @@ def run_retrieval_bench(
     distractors = GaussianDistractors(fit)
     sel = _select_queries(emb, cfg.queries, cfg.seed)
     queries = np.ascontiguousarray(emb.text[sel])
+    ann = [m for m in methods if m in ANN_METHODS]
+    if ann:
+        tune_sel, held_out = _tuning_queries(emb, sel, cfg.tune_queries, cfg.seed)
+        tune_q = l2_normalize(emb.text[tune_sel])
+        if not held_out:
+            result["notes"].append("every caption is measured: the ANN tuner used the measured queries")
+    hnsw_builds: dict[str, tuple[int, float]] = {}  # method -> (n, build seconds) of its last build
+
+    def finish() -> dict[str, Any]:
+        machine["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        machine["loadavg_end"] = os.getloadavg()
+        result["config"] = {
+            **asdict(cfg), "sizes": sizes, "methods": methods, "n_queries": len(sel), "top_k": TOP_K,
+            "source": emb.source, "levels_evaluated": emb.levels,
+            "distractor_fit_images": distractors.n_fit, "seconds": time.time() - started,
+        }
+        if ann:
+            result["config"]["tune_queries_held_out"] = held_out
+        result["machine"] = machine
+        result["distractors"] = DISTRACTORS
+        result["speedups"] = speedups(result["rows"])
+        return result
 
     t = time.perf_counter()
     result["levels"] = evaluate_embeddings(
@@ -361,11 +423,42 @@ def run_retrieval_bench(
         gallery, real_rows = build_gallery(emb.image, n, distractors, seed=cfg.seed + n)
         gen_s = time.perf_counter() - t
         true_rows = real_rows[emb.text_to_image[sel]]
-        engines, build_s = {}, {}
-        for method in methods:
+        size_methods = list(methods)
+        for method in [m for m in methods if m.startswith("hnsw") and m in hnsw_builds]:
+            last_n, last_s = hnsw_builds[method]
+            predicted = last_s * n / last_n * np.log(n) / np.log(last_n)  # N log N
+            if predicted > cfg.hnsw_build_limit_s:
+                size_methods.remove(method)
+                note = (f"{method} skipped at N={n}: build extrapolated from {last_s:.0f} s at N={last_n} "
+                        f"is {predicted / 60:.0f} min > {cfg.hnsw_build_limit_s / 60:.0f} min")
+                log.info(note)
+                result["notes"].append(note)
+        ann_info: dict[str, Any] = {}
+        if any(m in ANN_METHODS for m in size_methods):
             t = time.perf_counter()
-            engines[method] = make_engine(method, gallery, cfg)
+            tune_exact = ExactEngine(gallery, normalized=True, kernel="faiss").search(tune_q, TOP_K).ids
+            ann_info["exact_s"] = time.perf_counter() - t
+            if cfg.ann_shortlist:
+                ann_info["shortlist"] = cfg.ann_shortlist
+            elif any(m.endswith("_c2f") for m in size_methods if m in ANN_METHODS):
+                ceiling = coarse_ceiling(gallery, tune_q, tune_exact, cfg.coarse_dim)
+                ann_info.update(ceiling=ceiling, shortlist=choose_shortlist(ceiling, cfg.target_agreement))
+                log.info("n=%d prefix ceiling %s -> shortlist %d", n, ceiling, ann_info["shortlist"])
+        engines, build_s, tuned = {}, {}, {}
+        for method in size_methods:
+            bar.set_postfix_str(f"n={n} build {method}")
+            t = time.perf_counter()
+            engines[method] = make_engine(method, gallery, cfg, ann_info.get("shortlist"))
             build_s[method] = time.perf_counter() - t
+            if method in ANN_METHODS:
+                if method.startswith("hnsw"):
+                    hnsw_builds[method] = (n, build_s[method])
+                t = time.perf_counter()
+                tuned[method] = tune(engines[method], tune_q, tune_exact, cfg.target_agreement)
+                log.info("n=%d %s: build %.1f s, %s=%d reaches agree10 %.4f (tuning %.1f s)", n, method,
+                         build_s[method], tuned[method].param, tuned[method].value, tuned[method].agreement,
+                         time.perf_counter() - t)
+                build_s[method + ":tune"] = time.perf_counter() - t
         single = time_single(engines, queries, cfg.repeats)
         exact_top = None
         for method, engine in engines.items():
@@ -381,7 +474,20 @@ def run_retrieval_bench(
                 "build_s": build_s[method],
                 "gallery_s": gen_s, "n_queries": len(queries), "memory_mb": engine.memory_bytes() / 2**20,
             }
-            if isinstance(engine, CoarseToFineEngine):
+            if isinstance(engine, AnnEngine):
+                tu = tuned[method]
+                row.update(
+                    index=engine.index_kind, coarse_dim=engine.coarse_dim, param=tu.param, param_value=tu.value,
+                    tune_agree10=tu.agreement, tune_reached=tu.reached, tune_target=tu.target,
+                    tune_s=build_s[method + ":tune"], tune_trace=tu.trace, tune_queries=len(tune_q),
+                )
+                if engine.hierarchical:
+                    row.update(shortlist=engine.shortlist, shortlist_ceiling=ann_info.get("ceiling"))
+                if engine.index_kind == "ivf":
+                    row["nlist"] = engine.nlist
+                else:
+                    row.update(hnsw_m=engine.m, ef_construction=engine.ef_construction)
+            elif isinstance(engine, CoarseToFineEngine):
                 row.update(coarse_dim=engine.coarse_dim, shortlist=engine.shortlist)
                 if engine.bits is not None:
                     row["bits"] = engine.bits
@@ -397,18 +503,33 @@ def run_retrieval_bench(
             exact_m = exact_top[:m] if exact_top is not None else None
             result["rows"] += _milvus_rows(gallery, queries[:m], true_rows[:m], exact_m, cfg, workdir, result["notes"])
         del gallery
+        if partial_out is not None and n != sizes[-1]:
+            done = [s for s in sizes if s <= n]
+            atomic_write_json(partial_out, {**finish(), "partial": True, "sizes_done": done})
     bar.close()
+    return finish()
 
-    machine["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    machine["loadavg_end"] = os.getloadavg()
-    result["config"] = {
-        **asdict(cfg), "sizes": sizes, "methods": methods, "n_queries": len(sel), "top_k": TOP_K,
-        "source": emb.source, "levels_evaluated": emb.levels,
-        "distractor_fit_images": distractors.n_fit, "seconds": time.time() - started,
-    }
-    result["machine"] = machine
-    result["distractors"] = DISTRACTORS
-    return result
+
+def speedups(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per size: how many times faster each method is than its full-dim peer, single and batched:
+    every flat coarse-to-fine and hierarchical ANN method vs `faiss_flat`, `ivf_c2f` vs `ivf_full`,
+    `hnsw_c2f` vs `hnsw_full` (keys "<method>/<reference>:single|batch"), with both agreements."""
+    out: dict[str, dict[str, float]] = {}
+    by = {(r["method"], r["n"]): r for r in rows}
+    pairs = [(m, "faiss_flat") for m in ("c2f_fp32", "c2f_int8", "c2f_binary", "ivf_c2f", "hnsw_c2f", "ivf_full",
+                                         "hnsw_full")]
+    pairs += [("ivf_c2f", "ivf_full"), ("hnsw_c2f", "hnsw_full")]
+    for n in sorted({r["n"] for r in rows}):
+        cell: dict[str, float] = {}
+        for fast, ref in pairs:
+            a, b = by.get((fast, n)), by.get((ref, n))
+            if a is None or b is None:
+                continue
+            cell[f"{fast}/{ref}:single"] = b["ms_single_p50"] / a["ms_single_p50"]
+            cell[f"{fast}/{ref}:batch"] = b["ms_batch_p50"] / a["ms_batch_p50"]
+        if cell:
+            out[str(n)] = cell
+    return out
 
 
 def _milvus_rows(
@@ -480,11 +601,11 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 
 def write_results(result: dict[str, Any], out: str | Path) -> list[Path]:
-    """The JSON at `out` and PNG plots beside it (`<stem>_latency.png`, `_recall.png`, `_levels.png`)."""
+    """The JSON at `out` and PNG plots beside it (`<stem>_latency.png`, `_tradeoff.png`, `_levels.png`)."""
     out = Path(out)
     atomic_write_json(out, result)
     written = [out]
-    for suffix, plot in (("latency", plot_latency), ("recall", plot_recall), ("levels", plot_levels)):
+    for suffix, plot in (("latency", plot_latency), ("tradeoff", plot_tradeoff), ("levels", plot_levels)):
         path = out.with_name(f"{out.stem}_{suffix}.png")
         _save_figure(plot(result), path)
         written.append(path)
@@ -507,38 +628,93 @@ def _by_method(rows: list[dict]) -> dict[str, list[dict]]:
     return {m: sorted(rs, key=lambda r: r["n"]) for m, rs in out.items()}
 
 
-def _figure() -> tuple[Any, Any]:
+# One look per method, by family: flat full-dim (greys), flat coarse-to-fine (blues), full-dim ANN
+# (reds, dashed), hierarchical ANN (greens), Milvus (purples, dotted). Unknown methods get C0...
+_STYLE = {
+    "exact": ("0.55", "s", ":"), "faiss_flat": ("black", "s", "-"),
+    "c2f_fp32": ("#9ecae1", "o", "-"), "c2f_int8": ("#4292c6", "o", "-"), "c2f_binary": ("#08519c", "o", "-"),
+    "ivf_full": ("#ef3b2c", "^", "--"), "hnsw_full": ("#fd8d3c", "v", "--"),
+    "ivf_c2f": ("#238b45", "^", "-"), "hnsw_c2f": ("#74c476", "v", "-"),
+    "milvus_full": ("#807dba", "D", ":"), "milvus_c2f": ("#54278f", "D", ":"),
+}
+
+
+def _style(method: str, i: int) -> tuple[str, str, str]:
+    return _STYLE.get(method, (f"C{i % 10}", "o", "-"))
+
+
+def _subplots(ncols: int, width: float = 6.0) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.8), squeeze=False)
+    return fig, axes[0]
+
+
+def _figure() -> tuple[Any, Any]:
+    fig, axes = _subplots(1, 7)
+    return fig, axes[0]
 
 
 def plot_latency(result: dict[str, Any]) -> Any:
-    """Latency vs gallery size, log-log: solid = one query per call, dashed = batched, per query."""
-    fig, ax = _figure()
-    for i, (method, rows) in enumerate(_by_method(result["rows"]).items()):
-        n = [r["n"] for r in rows]
-        color = f"C{i}"
-        ax.plot(n, [r["ms_single_p50"] for r in rows], "o-", color=color, label=method)
-        ax.plot(n, [r["ms_batch_p50"] for r in rows], "x--", color=color, alpha=0.6)
-    ax.set(xscale="log", yscale="log", xlabel="gallery size N", ylabel="ms per query",
-           title=f"Search latency ({result['config']['threads']} threads; solid single, dashed batched)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    """ms per query vs gallery size, log-log, one line per method: single queries | batched."""
+    fig, axes = _subplots(2)
+    groups = _by_method(result["rows"])
+    for ax, key, title in ((axes[0], "ms_single_p50", "one query per call"),
+                           (axes[1], "ms_batch_p50", f"batches of {result['config'].get('batch', '?')}, per query")):
+        for i, (method, rows) in enumerate(groups.items()):
+            color, marker, line = _style(method, i)
+            ax.plot([r["n"] for r in rows], [r[key] for r in rows], marker=marker, linestyle=line, color=color,
+                    label=method, linewidth=1.8, markersize=5)
+        ax.set(xscale="log", yscale="log", xlabel="gallery size N", ylabel="ms per query", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle(f"Search latency vs gallery size ({result['config']['threads']} thread(s); ANN tuned to "
+                 f"top-10 agreement >= {result['config'].get('target_agreement', 0.99)})")
     return fig
 
 
-def plot_recall(result: dict[str, Any]) -> Any:
-    """True-image R@10 vs gallery size per method."""
-    fig, ax = _figure()
-    for method, rows in _by_method(result["rows"]).items():
-        ax.plot([r["n"] for r in rows], [r["r10"] for r in rows], "o-", label=method)
-    ax.set(xscale="log", xlabel="gallery size N", ylabel="R@10 (%)", title="True-image R@10 vs distractors")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+_MISS_FLOOR = 1e-4  # 1 - agreement is drawn on a log axis; exact answers (0 missed) sit on this floor
+
+
+def plot_tradeoff(result: dict[str, Any]) -> Any:
+    """Share of the exact top 10 missed (1 - agreement, log axis, so 0.99 and 0.999 are far apart)
+    vs batched ms per query, one panel per large N (the two largest sizes): ANN methods as curves over
+    their tuning ladder, the measured rows as big markers (the chosen setting), flat methods as points."""
+    sizes = sorted({r["n"] for r in result["rows"]})[-2:]
+    fig, axes = _subplots(len(sizes))
+    target = result["config"].get("target_agreement", 0.99)
+
+    def miss(agree: float) -> float:
+        return max(1.0 - agree, _MISS_FLOOR)
+
+    for ax, n in zip(axes, sizes):
+        rows = [r for r in result["rows"] if r["n"] == n]
+        for i, r in enumerate(rows):
+            color, marker, _ = _style(r["method"], i)
+            agree = r.get("agree10", 1.0 if r["method"] == "exact" else None)
+            if agree is None:
+                continue
+            if r.get("tune_trace"):
+                trace = r["tune_trace"]
+                ax.plot([t["ms"] for t in trace], [miss(t["agree10"]) for t in trace], marker=marker, color=color,
+                        linewidth=1.2, markersize=3, alpha=0.8)
+            label = f"{r['method']} (R@10 {r['r10']:.1f}"
+            label += f", {r['param']} {r['param_value']})" if "param" in r else ")"
+            ax.plot([r["ms_batch_p50"]], [miss(agree)], marker=marker, color=color, markersize=10,
+                    markeredgecolor="black", linestyle="none", label=label)
+        ax.axhline(1 - target, color="0.3", linestyle="--", linewidth=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="ms per query (batched)",
+               ylabel=f"1 - top-10 agreement with exact (floor {_MISS_FLOOR:g} = exact)", title=f"N = {n:,}",
+               ylim=(_MISS_FLOOR / 1.5, 1.0))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    fig.suptitle("Quality vs speed: ANN curves = tuning ladder (nprobe / efSearch), big markers = measured "
+                 f"rows, dashed = target agreement {target}")
     return fig
 
 
@@ -564,7 +740,7 @@ def plot_levels(result: dict[str, Any]) -> Any:
 def format_rows(result: dict[str, Any]) -> str:
     """A plain-text table of the rows, for the terminal."""
     head = (f"{'method':<12} {'n':>9} {'ms_single':>10} {'ms_batch':>9} {'bytes/it':>9} "
-            f"{'R@1':>6} {'R@10':>6} {'agree10':>8}")
+            f"{'R@1':>6} {'R@10':>6} {'agree10':>8}  tuned / build")
     lines = [head]
     for r in result["rows"]:
         agree = r.get("agree10")
@@ -572,5 +748,7 @@ def format_rows(result: dict[str, Any]) -> str:
             f"{r['method']:<12} {r['n']:>9} {r['ms_single_p50']:>10.3f} {r['ms_batch_p50']:>9.3f} "
             f"{r['bytes_per_item']:>9.1f} {r['r1']:>6.1f} {r['r10']:>6.1f} "
             + (f"{agree:>8.3f}" if agree is not None else f"{'-':>8}")
+            + (f"  {r['param']}={r['param_value']}, K={r.get('shortlist', '-')}, build {r['build_s']:.1f} s"
+               if "param" in r else "")
         )
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """`hivlp bench`: measured benchmarks. `hivlp bench retrieval`: exact vs coarse-to-fine search as the
 gallery grows (latency single and batched, bytes per item, true-image recall, agreement with exact).
 `hivlp bench serve`: a load test of `hivlp serve` on loopback (latency percentiles, errors).
-`hivlp bench text`: ms per caption through each text tower (single and batched)."""
+`hivlp bench text`: ms per caption through each text tower (single and batched).
+`hivlp bench milvus`: served coarse-to-fine vs a full-dim HNSW collection on a real Milvus server and Lite."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Real val captions as queries against galleries of N items: their true images plus "
             "Gaussian distractors fitted to the real image embeddings. Methods: exact numpy matmul, "
-            "FAISS flat, coarse-to-fine with fp32 / int8 / binary coarse codes (and Milvus Lite at "
-            "N=100k when available). Embeddings come from --embeddings, else from --checkpoint "
+            "FAISS flat, coarse-to-fine with fp32 / int8 / binary coarse codes, FAISS IVF-Flat and HNSW "
+            "over the full vectors and over the prefix with a full re-rank, tuned to --target-agreement "
+            "(and Milvus Lite at N=100k when available). Embeddings come from --embeddings, else from --checkpoint "
             "(encoded once, cached under --cache-dir)."
         ),
     )
@@ -81,9 +83,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_g.add_argument("--milvus-queries", type=int, default=200,
                        help="queries sent through Milvus Lite, the first of --queries (default: %(default)s)")
     run_g.add_argument("--seed", type=int, default=0, help="query sample and distractor seed (default: %(default)s)")
+    ann = r.add_argument_group("ANN peers (FAISS IVF-Flat / HNSW, full-dim and over the prefix + re-rank)")
+    ann.add_argument("--target-agreement", type=float, default=0.99,
+                     help="nprobe / efSearch are raised until top-10 agreement with exact search reaches this "
+                          "(default: %(default)s)")
+    ann.add_argument("--tune-queries", type=int, default=500,
+                     help="held-out captions (not among --queries) the tuner uses (default: %(default)s)")
+    ann.add_argument("--ann-shortlist", type=int, default=0,
+                     help="re-rank list of ivf_c2f / hnsw_c2f; 0 = the shortest whose exact-prefix ceiling "
+                          "reaches the target (default: %(default)s)")
+    ann.add_argument("--nlist", type=int, default=0, help="IVF lists; 0 = about 4 sqrt(N) (default: %(default)s)")
+    ann.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (default: %(default)s)")
+    ann.add_argument("--ef-construction", type=int, default=40, help="HNSW efConstruction (default: %(default)s)")
+    ann.add_argument("--hnsw-build-limit", type=float, default=600,
+                     help="seconds: HNSW is skipped at a size whose build, extrapolated from the previous "
+                          "size, would take longer (default: %(default)s)")
     r.set_defaults(func=run_retrieval)
     register_serve(sub)
     register_text(sub)
+    register_milvus(sub)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -108,6 +126,14 @@ def run_retrieval(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {value}")
     if args.embeddings and args.synthetic:
         raise UsageError("pass either --embeddings or --synthetic, not both")
+    if not 0 < args.target_agreement <= 1:
+        raise UsageError(f"--target-agreement must be in (0, 1], got {args.target_agreement}")
+    for name, value in (("--tune-queries", args.tune_queries), ("--hnsw-m", args.hnsw_m),
+                        ("--ef-construction", args.ef_construction)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    if args.ann_shortlist < 0 or args.nlist < 0 or args.hnsw_build_limit <= 0:
+        raise UsageError("--ann-shortlist and --nlist must be >= 0 (0 = automatic), --hnsw-build-limit > 0")
     if args.encode_batch_size < 1 or args.queries < 0:
         raise UsageError("--encode-batch-size must be >= 1 and --queries >= 0")
     from hivlp.io import check_output_file
@@ -128,10 +154,14 @@ def run_retrieval(args: argparse.Namespace) -> int:
         queries=args.queries, shortlist=args.shortlist, coarse_dim=args.coarse_dim,
         binary_dim=args.binary_dim, binary_bits=args.binary_bits, binary_shortlist=args.binary_shortlist,
         binary_keep=args.binary_keep, milvus=not args.no_milvus, milvus_queries=args.milvus_queries, seed=args.seed,
+        target_agreement=args.target_agreement, tune_queries=args.tune_queries, ann_shortlist=args.ann_shortlist,
+        nlist=args.nlist, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+        hnsw_build_limit_s=args.hnsw_build_limit,
     )
     out = Path(args.out)
     # Milvus Lite's files go under the cache folder, not /tmp, which others may clean while it runs.
-    result = run_retrieval_bench(emb, cfg, workdir=args.cache_dir)
+    # After each size the results so far go to --out (marked partial): a run stopped at 1M keeps the rest.
+    result = run_retrieval_bench(emb, cfg, workdir=args.cache_dir, partial_out=out)
     written = write_results(result, out)
     print(format_rows(result))
     for note in result["notes"]:
@@ -230,4 +260,50 @@ def run_text(args: argparse.Namespace) -> int:
     atomic_write_json(args.out, result)
     print(format_text_rows(result))
     print(f"written: {args.out}")
+    return 0
+
+
+def register_milvus(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "milvus", help="served coarse-to-fine vs full-dim HNSW on a real Milvus server and on Lite; JSON + PNG",
+        description="Start a local Milvus 2.3 server (PyPI `milvus`), build a full-dim HNSW index and 64-d "
+                    "coarse-to-fine indexes (HNSW, IVF_FLAT, FLAT coarse collections) at N items, the same on "
+                    "Milvus Lite, and time single queries side by side with a breakdown per stage.",
+    )
+    m.add_argument("--n", type=int, default=100_000, help="gallery size (default: %(default)s)")
+    m.add_argument("--queries", type=int, default=300, help="caption queries timed (default: %(default)s)")
+    m.add_argument("--shortlists", type=_int_list, default=[50, 100, 200], help="(default: 50,100,200)")
+    m.add_argument("--efs", type=_int_list, default=[64, 128, 256], help="HNSW ef values (default: 64,128,256)")
+    m.add_argument("--nprobes", type=_int_list, default=[16, 64], help="IVF nprobe values (default: 16,64)")
+    m.add_argument("--backends", default="server,lite", help="server, lite or both (default: %(default)s)")
+    m.add_argument("--coarse-indexes", default="HNSW,IVF_FLAT,FLAT", help="(default: %(default)s)")
+    m.add_argument("--embeddings", metavar="NPZ", help="embeddings .npz (as `hivlp bench retrieval`); "
+                   "default: synthetic nested embeddings")
+    m.add_argument("--workdir", help="folder for the server's data and the indexes (default: a temporary one)")
+    m.add_argument("--out", default="bench/results/milvus_server.json", help="(default: %(default)s)")
+    m.set_defaults(func=run_milvus)
+
+
+def run_milvus(args: argparse.Namespace) -> int:
+    import sys
+
+    from hivlp.bench.milvus_server import milvus_server_bench, summary_lines, write
+
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    coarse = tuple(c.strip().upper() for c in args.coarse_indexes.split(",") if c.strip())
+    if not backends or set(backends) - {"server", "lite"}:
+        raise UsageError(f"--backends {args.backends}: choose server, lite or both")
+    if set(coarse) - {"HNSW", "IVF_FLAT", "FLAT"}:
+        raise UsageError(f"--coarse-indexes {args.coarse_indexes}: choose from HNSW, IVF_FLAT, FLAT")
+    if args.n < 1000 or args.queries < 1:
+        raise UsageError("--n must be >= 1000 and --queries >= 1")
+    result = milvus_server_bench(n=args.n, n_queries=args.queries, shortlists=tuple(args.shortlists),
+                                 efs=tuple(args.efs), nprobes=tuple(args.nprobes), backends=backends,
+                                 coarse_types=coarse, workdir=args.workdir, embeddings=args.embeddings,
+                                 on_backend=lambda partial: write(partial, args.out))
+    result["command"] = "hivlp bench milvus " + " ".join(sys.argv[3:])
+    for line in summary_lines(result):
+        print(line)
+    for path in write(result, args.out):
+        print(f"wrote {path}")
     return 0

@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="search a Milvus index with a caption or an image",
         description=(
             "Encode a caption (searches images) or an image (searches captions) with a checkpoint, "
-            "search <name>_coarse for a shortlist, re-rank it with the full vectors from "
-            "<name>_fine and print the top k."
+            "search <name>_coarse for a shortlist, re-rank it with the full vectors (the local store "
+            "beside the index, else <name>_fine) and print the top k. --k and --shortlist are capped "
+            "at the rows searched and Milvus's top-k limit (16384), with a note."
         ),
     )
     q = p.add_mutually_exclusive_group(required=True)
@@ -26,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=DEFAULT_NAME, help="collection name prefix (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="results to show (default: %(default)s)")
     p.add_argument("--shortlist", type=int, default=100, help="coarse candidates re-ranked (default: %(default)s)")
+    p.add_argument("--store", metavar="DIR",
+                   help="local full-vector store written by `hivlp index` (default: as `hivlp index`); "
+                        "without one the re-rank fetches full vectors from Milvus")
     p.add_argument("--level", default="fine", choices=("fine", "coarse"),
                    help="fine: coarse shortlist re-ranked with the full vectors; coarse: the coarse prefix "
                         "alone (default: %(default)s)")
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         from hivlp.data.images import load_image
 
         load_image(args.image)  # missing, undecodable or a decompression bomb: one named error
-    with MilvusDualIndex(args.uri, args.name) as index:
+    with MilvusDualIndex(args.uri, args.name, store_dir=args.store) as index:
         index.info()  # fail fast (missing/incomplete index) before loading the model
         encoder = query_encoder(None if args.model_uri else args.checkpoint, args.model_uri, args.device)
         response = search(index, encoder, text=args.text, image=args.image, k=args.k, shortlist=args.shortlist,
