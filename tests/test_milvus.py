@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,13 +49,18 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(real_model(), RunConfig(), tmp_path_factory.mktemp("ckpt") / "ckpt")
 
 
+def _export_val(tmp_path_factory, raw, checkpoint, n_val: int) -> Path:
+    """Export of the first `n_val` val images (5 captions each) with the real model."""
+    data = write_slice(raw, tmp_path_factory.mktemp(f"val{n_val}"), n_train=0, n_val=n_val)
+    out = tmp_path_factory.mktemp(f"emb{n_val}") / "val"
+    export_embeddings(checkpoint, data, "val", out, device="cpu", progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, flickr8k_raw, checkpoint):
     """Export of 32 val images + 160 captions with the real model (pretrained towers, untrained head)."""
-    data = write_slice(flickr8k_raw, tmp_path_factory.mktemp("val32"), n_train=0, n_val=32)
-    out = tmp_path_factory.mktemp("emb") / "val"
-    export_embeddings(checkpoint, data, "val", out, device="cpu", progress=False)
-    return out
+    return _export_val(tmp_path_factory, flickr8k_raw, checkpoint, 32)
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +294,7 @@ def test_bench_rows_full_vs_coarse_to_fine(tmp_path, arrays):
 @pytest.fixture(scope="module")
 def exported2(tmp_path_factory, flickr8k_raw, checkpoint):
     """Another export (the first 24 val images): other content to re-index a served name with."""
-    data = write_slice(flickr8k_raw, tmp_path_factory.mktemp("val24"), n_train=0, n_val=24)
-    out = tmp_path_factory.mktemp("emb2") / "val"
-    export_embeddings(checkpoint, data, "val", out, device="cpu", progress=False)
-    return out
+    return _export_val(tmp_path_factory, flickr8k_raw, checkpoint, 24)
 
 
 def test_reindex_while_searching_never_fails(db, exported, exported2, arrays):
