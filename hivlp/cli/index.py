@@ -53,12 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_backend_logs()
-    from hivlp.errors import UsageError
-    from hivlp.retrieval.milvus import MilvusDualIndex
+    from hivlp.retrieval.milvus import MilvusDualIndex, check_build_args
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if args.keep < 0:
-        raise UsageError(f"--keep must be >= 0, got {args.keep}")
+    check_build_args(args.batch_size, args.keep)  # before connecting: a bad argument never waits on a lock
     with MilvusDualIndex(args.uri, args.name, store_dir=args.store) as index:
         summary = index.build(
             args.embeddings, coarse_dim=args.coarse_dim, index=args.index, kinds=kinds,

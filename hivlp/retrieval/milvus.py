@@ -240,6 +240,14 @@ class IndexInfo:
 RowBatch = dict[str, Any]
 
 
+def check_build_args(batch_size: int, keep: int) -> None:
+    """Refuse bad build arguments before anything connects to, reads or touches an index."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if keep < 0:
+        raise UsageError(f"--keep must be >= 0 (previous versions kept after a swap), got {keep}")
+
+
 class MilvusDualIndex(SearchEngine):
     """The coarse + fine collection pair served under `<name>_coarse` / `<name>_fine` at one URI.
 
@@ -533,10 +541,7 @@ class MilvusDualIndex(SearchEngine):
         progress: bool,
         keep: int,
     ) -> dict[str, Any]:
-        if batch_size < 1:  # before the index is read or touched
-            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        if keep < 0:
-            raise UsageError(f"--keep must be >= 0 (previous versions kept after a swap), got {keep}")
+        check_build_args(batch_size, keep)  # before the index is read or touched
         t0 = time.perf_counter()
         want = {k: wanted.expected.get(k, 0) for k in KINDS}
         served = self.served(refresh=True)
