@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -90,12 +89,6 @@ def build_checkpoints(root: Path, raw: dict, n_val: int = 16) -> Checkpoints:
                        {"better": root / f"seed{hi_seed}.json", "worse": root / f"seed{lo_seed}.json",
                         "tie": root / "tie.json"},
                        {"better": hi, "worse": lo, "tie": tie_ar})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:

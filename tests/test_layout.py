@@ -11,7 +11,7 @@ PACKAGE = REPO / "hivlp"
 # Floors, bottom up. A module may import its own floor (no circles) and the floors below it.
 FLOORS = [
     ["hivlp/__init__.py", "hivlp/errors.py", "hivlp/io.py", "hivlp/device.py", "hivlp/losses.py",
-     "hivlp/redact.py"],
+     "hivlp/redact.py", "hivlp/net.py"],
     ["hivlp/config.py", "hivlp/data/", "hivlp/pages.py"],
     ["hivlp/tracking.py", "hivlp/lineage.py", "hivlp/model/"],
     ["hivlp/registry.py", "hivlp/pyfunc_model.py", "hivlp/embeddings/"],

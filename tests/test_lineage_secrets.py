@@ -13,11 +13,12 @@ import pytest
 from mlflow import MlflowClient
 
 from hivlp.data.fingerprint import dataset_digest
+from hivlp.net import free_port
 from hivlp.redact import RedactingStream, redact, scrub
 
 from .conftest import write_slice
 from .faultworld import run_cli, tiny_text_tower
-from .registry_world import free_port, mlflow_bin, start, stop, wait_http
+from .registry_world import mlflow_bin, start, stop, wait_http
 
 SECRET = "s3cret-pw"
 

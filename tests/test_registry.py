@@ -25,13 +25,13 @@ from mlflow import MlflowClient
 from hivlp import registry
 from hivlp.gate import MetricsMismatchError, promote
 from hivlp.model import load_encoder
+from hivlp.net import free_port
 
 from .conftest import REPO
 from .faultworld import run_cli
 from .registry_world import (
     build_checkpoints,
     evaluate_to,
-    free_port,
     mlflow_bin,
     retemper,
     start,

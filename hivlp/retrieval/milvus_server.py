@@ -13,12 +13,12 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from hivlp.errors import HivlpError
+from hivlp.net import free_ports
 
 START_TIMEOUT_S = 240.0
 _LOG_TAIL = 3000
@@ -26,19 +26,6 @@ _LOG_TAIL = 3000
 
 class MilvusServerError(HivlpError):
     """The Milvus server did not start (or is not installed)."""
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def log_tail(base_dir: str | Path, chars: int = _LOG_TAIL) -> str:
@@ -91,7 +78,7 @@ def local_server(base_dir: str | Path, timeout: float = START_TIMEOUT_S) -> Iter
     base.mkdir(parents=True, exist_ok=True)
     keys = ["proxy_port", "proxy_internal_port", "root_coord_port", "query_coord_port", "query_node_port",
             "index_coord_port", "index_node_port", "data_coord_port", "data_node_port", "etcd_port"]
-    ports = _free_ports(len(keys) + 3)
+    ports = free_ports(len(keys) + 3)
     etcd_client, etcd_peer, web = ports[-3:]
     config = MilvusServerConfig(template=str(_template(base, etcd_client, etcd_peer)))
     config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")

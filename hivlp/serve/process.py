@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,19 +14,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from hivlp.errors import HivlpError
+from hivlp.net import free_port
 
 STARTUP_TIMEOUT_S = 180.0  # loading the model and opening the index on 2 busy cores
 
 
 class ServerStartError(HivlpError):
     """`hivlp serve` exited or did not answer /healthz in time."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
