@@ -9,6 +9,7 @@ child process.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,7 @@ from hivlp.retrieval.milvus import (
     MilvusDualIndex,
     MilvusLockedError,
     MilvusUnavailableError,
+    _lite_lock_holder,
 )
 from tests.conftest import write_slice
 from tests.test_export import real_model
@@ -217,12 +219,23 @@ def test_lite_file_held_by_another_process(tmp_path):
     )
     try:
         assert child.stdout.readline().strip() == "ready"
-        with pytest.raises(MilvusLockedError, match=f"{held} is locked by another process.*one process at a time"):
+        with pytest.raises(MilvusLockedError,
+                           match=f"{held} is locked by another process \\(pid {child.pid}\\).*one process at a time"):
             MilvusDualIndex(str(held), "x")
     finally:
         child.stdin.close()
         child.wait(timeout=30)
     MilvusDualIndex(str(held), "x").close()  # free again once the holder exits
+
+
+def test_lite_file_opened_twice_in_one_process_is_shared(tmp_path):
+    """Milvus Lite serves a file from the process that opened it: a second client here shares it,
+    and the lock's holder is this process, which is never reported as 'another process'."""
+    db = tmp_path / "twice.db"
+    with MilvusDualIndex(str(db), "x"):
+        assert _lite_lock_holder(db) == os.getpid()
+        with MilvusDualIndex(str(db), "x") as second:
+            assert second.versions() == []
 
 
 def test_cli_search_text_json_and_dim_mismatch(index, checkpoint, db, capsys, tmp_path, monkeypatch):

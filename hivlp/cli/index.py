@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from hivlp.retrieval.milvus import MilvusDualIndex, check_build_args
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    check_build_args(args.batch_size, args.keep)  # before connecting: a bad argument never waits on a lock
+    # before connecting: a bad argument never waits on a lock or touches the index
+    check_build_args(args.batch_size, args.keep, args.coarse_dim, args.index, kinds)
     with MilvusDualIndex(args.uri, args.name, store_dir=args.store) as index:
         summary = index.build(
             args.embeddings, coarse_dim=args.coarse_dim, index=args.index, kinds=kinds,

@@ -66,6 +66,8 @@ INDEX_TYPES = ("HNSW", "IVF_FLAT", "FLAT")
 VECTOR = "vector"
 META_FIELDS = ["kind", "imgid", "sentid", "filename", "caption"]
 CONNECT_TIMEOUT_S = 10.0
+# Opening a Lite file this process already serves is retried this many times (see _open_lite).
+LITE_OPEN_ATTEMPTS = 3
 MAX_TOPK = 16384  # Milvus's own limit on a search's top-k (limit) and on a shortlist
 _GET_CHUNK = 1000  # ids per `get` call: keeps the `id in [...]` expression small
 _SEARCH_CHUNK = 256  # queries per `search` call: results stay far below gRPC's 256 MB message cap
@@ -126,17 +128,60 @@ def quiet_backend_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _lite_locked_elsewhere(db: Path) -> bool:
+def _lite_lock_holder(db: Path) -> int | None:
+    """The pid holding the Milvus Lite file's LOCK, None when it is free.
+
+    Read from /proc/locks (Linux), which names the holder: a Lite server runs inside the process that
+    opened the file, so the holder may be this very process (another client of the same path here).
+    Without /proc, a probe lock tells only held/free (-1 = held by someone).
+    """
     lock = db / "LOCK"
     if not lock.is_file():
-        return False
+        return None
+    try:
+        inode = lock.stat().st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (a "->" marks a waiter)
+            if len(fields) >= 6 and fields[1] != "->" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return int(fields[4])
+        return None
+    except (OSError, ValueError):
+        pass
     with open(lock, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
+            return -1
         fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    return None
+
+
+def _open_lite(db: Path, timeout: float) -> Any:
+    """A MilvusClient on a Lite file. Milvus Lite serves a file from the process that opened it, so a
+    second client in this process shares that server; a failed open there (a transient gRPC error on
+    a loaded machine) is retried, a file held by another process is named as such."""
+    from pymilvus import MilvusClient
+
+    for attempt in range(LITE_OPEN_ATTEMPTS):
+        try:
+            return MilvusClient(str(db), timeout=timeout)
+        except Exception as e:  # pymilvus raises several types here; each is reported below
+            holder = _lite_lock_holder(db)
+            if holder is not None and holder != os.getpid():
+                who = "another process" if holder < 0 else f"another process (pid {holder})"
+                raise MilvusLockedError(
+                    f"Milvus Lite file {db} is locked by {who}: a .db opens in one "
+                    "process at a time. Wait for the other `hivlp index`/`search`/`evaluate` (or "
+                    "notebook) to finish or stop it, or copy the .db and use the copy, or serve it "
+                    f"with `milvus-lite server --data-dir {db}` and pass --uri http://127.0.0.1:19530"
+                ) from None
+            reason = getattr(e, "message", None) or str(e) or type(e).__name__
+            if attempt + 1 == LITE_OPEN_ATTEMPTS:
+                raise MilvusUnavailableError(f"cannot open Milvus Lite file {db}: {reason}") from None
+            log.debug("opening %s failed (%s), retrying", db, reason)
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def connect(uri: str, token: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Any:
@@ -157,17 +202,7 @@ def connect(uri: str, token: str | None = None, timeout: float = CONNECT_TIMEOUT
             )
         db.parent.mkdir(parents=True, exist_ok=True)
         with _quiet_milvus_logs():
-            try:
-                return MilvusClient(str(db), timeout=timeout)
-            except Exception as e:
-                if _lite_locked_elsewhere(db):
-                    raise MilvusLockedError(
-                        f"Milvus Lite file {db} is locked by another process: a .db opens in one "
-                        "process at a time. Wait for the other `hivlp index`/`search`/`evaluate` (or "
-                        "notebook) to finish or stop it, or copy the .db and use the copy, or serve it "
-                        f"with `milvus-lite server --data-dir {db}` and pass --uri http://127.0.0.1:19530"
-                    ) from None
-                raise MilvusUnavailableError(f"cannot open Milvus Lite file {db}: {e}") from None
+            return _open_lite(db, timeout)
     token = token if token is not None else os.environ.get("MILVUS_TOKEN", "")
     with _quiet_milvus_logs():
         try:
@@ -240,12 +275,20 @@ class IndexInfo:
 RowBatch = dict[str, Any]
 
 
-def check_build_args(batch_size: int, keep: int) -> None:
-    """Refuse bad build arguments before anything connects to, reads or touches an index."""
+def check_build_args(
+    batch_size: int, keep: int, coarse_dim: int = 1, index: str = DEFAULT_INDEX, kinds: Sequence[str] = KINDS
+) -> None:
+    """Refuse bad build arguments before anything connects to, reads or touches an index (the
+    coarse dim's upper bound, the export's dim, is checked once the export is read)."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if keep < 0:
         raise UsageError(f"--keep must be >= 0 (previous versions kept after a swap), got {keep}")
+    if coarse_dim < 1:
+        raise UsageError(f"--coarse-dim {coarse_dim}: must be between 1 and the embedding dim")
+    if index.upper() not in INDEX_TYPES:
+        raise UsageError(f"--index {index}: expected one of {', '.join(INDEX_TYPES)}")
+    _check_kinds(kinds)
 
 
 class MilvusDualIndex(SearchEngine):
