@@ -342,8 +342,8 @@ class CoarseToFineEngine(InMemoryEngine):
 
             self._projection = _orthogonal_projection(d, self.bits)
             # The shortlist is selected by FAISS's counting top-k (IndexBinaryFlat, use_heap=False): one
-            # pass over the Hamming distances, no heap, measured 1.9 ms for K = 4000 of 1M where
-            # hammings + topk_rows took 2.9; same rows. self._bits is a view of the index's codes.
+            # pass over the Hamming distances, no heap; faster than hammings + topk_rows for the same
+            # rows (bench/README.md). self._bits is a view of the index's codes.
             self._binary = faiss.IndexBinaryFlat(self.bits)
             self._binary.use_heap = False
             for a in range(0, self.n, _ROW_BLOCK):
