@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_g.add_argument("--binary-dim", type=int, default=64,
                        help="prefix the binary codes are projected from (default: %(default)s)")
     run_g.add_argument("--binary-bits", type=int, default=256, help="binary code length (default: %(default)s)")
-    run_g.add_argument("--binary-shortlist", type=int, default=4000,
+    run_g.add_argument("--binary-shortlist", type=int, default=8000,
                        help="Hamming shortlist of c2f_binary (default: %(default)s)")
     run_g.add_argument("--binary-keep", type=int, default=1000,
                        help="c2f_binary candidates kept after exact re-scoring at --binary-dim, 0 = "
