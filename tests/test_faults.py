@@ -411,6 +411,27 @@ FAULTS = [
           lambda w, t: ["promote", "--checkpoint", w.ckpt, "--metrics", w.metrics, "--gate-split", "val",
                         "--min-delta", "-1", "--tracking-uri", w.store], 2,
           lambda w, t: ["--min-delta", ">= 0"]),
+    # ----------------------------------------------------------------------------- serve (refused before it listens)
+    Fault("serve/max-k-zero", lambda w, t: ["serve", "--embeddings", w.export, "--checkpoint", w.ckpt,
+                                            "--max-k", "0"], 2, lambda w, t: ["--max-k must be > 0, got 0"]),
+    Fault("serve/port-out-of-range", lambda w, t: ["serve", "--embeddings", w.export, "--checkpoint", w.ckpt,
+                                                   "--port", "70000"], 2, lambda w, t: ["--port 70000"]),
+    Fault("serve/embeddings-missing", lambda w, t: ["serve", "--embeddings", t / "none", "--checkpoint", w.ckpt],
+          2, lambda w, t: [str(t / "none")]),
+    Fault("serve/checkpoint-missing", lambda w, t: ["serve", "--embeddings", w.export, "--checkpoint", t / "none"],
+          2, lambda w, t: [str(t / "none")]),
+    Fault("serve/checkpoint-weights-flipped",
+          lambda w, t: ["serve", "--embeddings", w.export, "--checkpoint", _flipped(w, t)],
+          2, lambda w, t: [str(t / "keep/ckpt/model.safetensors"), "sha256 differs"]),
+    # ----------------------------------------------------------------------------- report
+    Fault("report/metrics-missing", lambda w, t: ["report", "--metrics", t / "none.json", "--history",
+                                                  write(t / "h.json", "[]"), "--metrics-dir", t / "m",
+                                                  "--plots-dir", t / "p"], 2,
+          lambda w, t: [str(t / "none.json")]),
+    Fault("report/history-not-a-list", lambda w, t: ["report", "--metrics", w.metrics, "--history",
+                                                     write(t / "h.json", '{"epoch": 1}'), "--metrics-dir", t / "m",
+                                                     "--plots-dir", t / "p"], 2,
+          lambda w, t: [str(t / "h.json")]),
     # ----------------------------------------------------------------------------- any command
     Fault("cli/unknown-command", lambda w, t: ["serve-all"], 2, lambda w, t: ["serve-all", "invalid choice"]),
 ]
@@ -482,7 +503,7 @@ def _object_npz(path: Path) -> Path:
 def test_the_catalogue_covers_every_command():
     commands = {f.id.split("/")[0] for f in FAULTS}
     assert {"validate", "pretrain", "finetune", "evaluate", "export", "index", "search", "bench",
-            "promote"} <= commands
+            "promote", "serve", "report"} <= commands
     assert len(FAULTS) >= 40 and len({f.id for f in FAULTS}) == len(FAULTS)
 
 

@@ -471,3 +471,26 @@ def test_index_built_before_versioning_is_served_then_replaced(tmp_path, exporte
     assert idx.served(refresh=True) == idx.version_names(1) and idx._alias_target(idx.alias_coarse)
     assert idx.search(arrays[3][:2], k=3, shortlist=16).ids.shape == (2, 3)
     idx.close()
+
+
+def test_bench_milvus_times_floor_full_and_c2f_side_by_side(milvus_server, tmp_path):
+    """`hivlp bench milvus` against the real server and Lite: every config is timed, the call floor
+    row carries no quality, the JSON and the plot are written."""
+    from hivlp.bench.milvus_server import FLOOR_ROWS, milvus_server_bench, summary_lines, write
+
+    result = milvus_server_bench(n=2 * FLOOR_ROWS, n_queries=8, shortlists=(50,), efs=(64,), nprobes=(16,),
+                                 coarse_types=("HNSW",), workdir=tmp_path / "w", rounds=1,
+                                 server_uri=milvus_server)
+    rows = {(r["backend"], r["method"]): r for r in result["rows"]}
+    assert set(rows) >= {(b, m) for b in ("server", "lite") for m in ("floor", "full_hnsw", "c2f")}
+    for (backend, method), r in rows.items():
+        assert r["ms_p50"] > 0
+        if method == "floor":
+            assert r["agree10"] is None
+        else:
+            assert 0.5 <= r["agree10"] <= 1.0, r  # 2,000 rows: HNSW at ef 64 finds most of the exact top 10
+    c2f = rows[("server", "c2f")]["stages_ms_p50"]
+    assert c2f["coarse"] > 0 and "rerank" in c2f
+    assert any("call floor" in line for line in summary_lines(result))
+    out = write(result, tmp_path / "m.json")
+    assert [p.suffix for p in out] == [".json", ".png"] and all(p.stat().st_size for p in out)

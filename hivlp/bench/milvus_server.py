@@ -4,7 +4,8 @@
 pick: one ANN search of 512-d vectors) and coarse-to-fine indexes over the 64-d prefix (HNSW,
 IVF_FLAT and FLAT coarse collections), then times single queries, methods interleaved, and records
 where each query's time goes: the coarse ANN call, getting the shortlist's full vectors (the local
-memory-mapped store, or fetch-by-id from the fine collection), and the re-rank. Quality: top-10
+memory-mapped store, or fetch-by-id from the fine collection), and the re-rank. A 1,000-row collection
+gives the backend's call floor, the least any one search call costs there. Quality: top-10
 agreement with exact full-dim search and true-image R@10. Everything goes through the public
 `MilvusDualIndex` interface (one search call per query, alias resolution cached).
 
@@ -26,8 +27,12 @@ from typing import Any
 import numpy as np
 
 from hivlp.bench.measure import TOP_K, quality
+from hivlp.errors import UsageError
 
 log = logging.getLogger(__name__)
+# Rows of the "call floor" collection: small enough that the search itself costs next to nothing, so
+# its latency is what one search call costs at the backend (client, gRPC, proxy, query node).
+FLOOR_ROWS = 1000
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -57,14 +62,21 @@ def _run_configs(configs: list[dict], queries: np.ndarray, true_rows: np.ndarray
     for c in configs:
         st = stages[c["label"]]
         breakdown = {k: float(np.median([s[k] for s in st])) for k in (st[0] if st else {})}
+        # The floor searches another (tiny) gallery: its hits say nothing about quality.
+        q = {"r1": None, "r10": None, "agree10": None} if c["method"] == "floor" else \
+            quality(ids[c["label"]], true_rows, exact)
         rows.append({**{k: v for k, v in c.items() if k != "fn"}, **_percentiles(times[c["label"]]),
-                     "stages_ms_p50": breakdown, **quality(ids[c["label"]], true_rows, exact)})
+                     "stages_ms_p50": breakdown, **q})
     return rows
 
 
 def _configs_for(backend: str, uri: str, indexes: dict[str, Any], shortlists: list[int],
                  efs: list[int], nprobes: list[int], fetch_index: Any) -> list[dict]:
     out: list[dict] = []
+    if "floor" in indexes:  # the cost of any one search call at this backend, whatever the index does
+        out.append({"backend": backend, "method": "floor", "coarse_dim": 64, "index": "FLAT",
+                    "label": f"{backend} call floor: {FLOOR_ROWS} rows, 64-d FLAT",
+                    "fn": lambda q, idx=indexes["floor"]: (idx.search_coarse(q, k=TOP_K).ids[0], {})})
 
     def full_fn(idx, ef):
         def fn(q):
@@ -116,9 +128,11 @@ def milvus_server_bench(
     seed: int = 0,
     rounds: int = 2,
     on_backend: Any = None,
+    server_uri: str | None = None,
 ) -> dict[str, Any]:
     """Build the indexes at each backend, time them side by side, return the result dict
-    (`on_backend(result)` is called after each backend's rows are in)."""
+    (`on_backend(result)` is called after each backend's rows are in). The "server" backend is a
+    local standalone server started for the run, or the running server at `server_uri`."""
     from hivlp.bench.retrieval import (
         BenchEmbeddings,
         GaussianDistractors,
@@ -137,6 +151,8 @@ def milvus_server_bench(
     queries = emb.text[qsel]
     true_rows = rows[emb.text_to_image[qsel]]
     exact = ExactEngine(gallery, normalized=True).search(queries, TOP_K).ids
+    if n < FLOOR_ROWS:
+        raise UsageError(f"the gallery ({n}) must hold at least the {FLOOR_ROWS} rows of the call-floor collection")
     ids = np.arange(n, dtype=np.int64)
     result: dict[str, Any] = {
         "n": n, "queries": len(queries), "top_k": TOP_K, "source": emb.source,
@@ -149,7 +165,7 @@ def milvus_server_bench(
         root.mkdir(parents=True, exist_ok=True)
         for backend in backends:
             if backend == "server":
-                uri = stack.enter_context(local_server(root / "server"))
+                uri = server_uri or stack.enter_context(local_server(root / "server"))
             else:
                 uri = str(root / "lite" / "bench.db")
             store = root / f"vectors-{backend}"
@@ -166,6 +182,10 @@ def milvus_server_bench(
                 log.info("built %s", build)
                 result["builds"].append(build)
                 indexes[key] = idx
+            floor = stack.enter_context(MilvusDualIndex(uri, "bench_floor", store_dir=store))
+            floor.build_from_arrays(gallery[:FLOOR_ROWS], ids[:FLOOR_ROWS], ["image"] * FLOOR_ROWS, coarse_dim=64,
+                                    index="FLAT", batch_size=5000, progress=False)
+            indexes["floor"] = floor
             fetch = None
             if "c2f_HNSW" in indexes:  # a second client of the same index without the local store
                 fetch = stack.enter_context(MilvusDualIndex(uri, "bench_c2f_hnsw", store_dir=root / "no-store"))
@@ -192,6 +212,9 @@ def plot(result: dict[str, Any]) -> Any:
     markers = {"server": "o", "lite": "s"}
     colors = {"full_hnsw": "tab:red", "HNSW": "tab:blue", "IVF_FLAT": "tab:green", "FLAT": "tab:purple"}
     for r in result["rows"]:
+        if r["method"] == "floor":
+            a.axvline(r["ms_p50"], color="gray", lw=1, ls=":" if r["backend"] == "lite" else "-")
+            continue
         key = "full_hnsw" if r["method"] == "full_hnsw" else r["index"]
         face = "none" if r.get("vectors") == "fetch by id" else colors[key]
         a.scatter(r["ms_p50"], r["agree10"], marker=markers[r["backend"]], edgecolors=colors[key], facecolors=face)
@@ -200,6 +223,7 @@ def plot(result: dict[str, Any]) -> Any:
     for be, m in markers.items():
         a.scatter([], [], marker=m, color="gray", label=be)
     a.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="c2f, fetch by id")
+    a.plot([], [], color="gray", lw=1, label=f"call floor ({FLOOR_ROWS}-row collection)")
     a.set_xscale("log")
     a.set_xlabel("single-query latency p50 (ms, log)")
     a.set_ylabel("top-10 agreement with exact search")
@@ -245,6 +269,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for r in sorted(result["rows"], key=lambda r: (r["backend"], r["method"], r["ms_p50"])):
         st = r.get("stages_ms_p50") or {}
+        if r["method"] == "floor":
+            lines.append(f"{r['label']:<45} p50 {r['ms_p50']:7.2f} ms  (the cost of one search call)")
+            continue
         lines.append(f"{r['label']:<45} p50 {r['ms_p50']:7.2f} ms  agree10 {r['agree10']:.3f}  R@10 {r['r10']:5.1f}"
                      + (f"  [coarse {st.get('coarse', 0):.2f} fetch {st.get('fetch', 0):.2f} "
                         f"score {st.get('score', 0):.2f}]" if st else ""))

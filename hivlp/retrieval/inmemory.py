@@ -323,9 +323,17 @@ class CoarseToFineEngine(InMemoryEngine):
                 f"funnel {funnel}: levels must increase and lie below the full dim ({self.dim})"
             )
         self._build_codes()
-        self._prefix_norms = {d: _row_norms(self.full[:, :d]) for d, _ in self.funnel}
+        # Each funnel level as contiguous unit rows, so a shortlist's rows are scored by FAISS's
+        # gather-and-dot kernel (a strided gather from the full rows cost several times more).
+        self._levels = {d: self._unit_prefix(d) for d, _ in self.funnel}
 
     # ------------------------------------------------------------------ coarse codes
+
+    def _unit_prefix(self, d: int) -> np.ndarray:
+        """The renormalised `d`-dim prefix of every item, [N, d] float32 (shared with the fp32 codes)."""
+        if self.codes == "fp32" and d == self.coarse_dim and hasattr(self, "_coarse"):
+            return self._coarse
+        return l2_normalize(self.full[:, :d])
 
     def _prefix(self) -> np.ndarray:
         return l2_normalize(self.full[:, : self.coarse_dim])
@@ -342,8 +350,8 @@ class CoarseToFineEngine(InMemoryEngine):
 
             self._projection = _orthogonal_projection(d, self.bits)
             # The shortlist is selected by FAISS's counting top-k (IndexBinaryFlat, use_heap=False): one
-            # pass over the Hamming distances, no heap, measured 1.9 ms for K = 4000 of 1M where
-            # hammings + topk_rows took 2.9; same rows. self._bits is a view of the index's codes.
+            # pass over the Hamming distances, no heap; faster than hammings + topk_rows for the same
+            # rows (bench/README.md). self._bits is a view of the index's codes.
             self._binary = faiss.IndexBinaryFlat(self.bits)
             self._binary.use_heap = False
             for a in range(0, self.n, _ROW_BLOCK):
@@ -375,7 +383,12 @@ class CoarseToFineEngine(InMemoryEngine):
         return self._code_bytes / self.n
 
     def memory_bytes(self) -> int:
-        return super().memory_bytes() + self._code_bytes + sum(v.nbytes for v in self._prefix_norms.values())
+        return super().memory_bytes() + self._code_bytes + self._level_bytes()
+
+    def _level_bytes(self) -> int:
+        """Bytes of the funnel levels' unit prefixes not shared with the coarse codes."""
+        own = getattr(self, "_coarse", None)
+        return sum(v.nbytes for v in self._levels.values() if v is not own)
 
     def _coarse_scores(self, qc: np.ndarray) -> np.ndarray:
         """[Q, N] coarse similarities (higher = closer) for normalised query prefixes [Q, d]."""
@@ -462,26 +475,25 @@ class CoarseToFineEngine(InMemoryEngine):
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Funnel levels, then full-dim scores, for a block of queries [b, D] and candidates [b, K]."""
+        # topk_rows selects without sorting the whole list, ties towards the lower column (= row,
+        # as cand is ascending).
         for d, keep in self.funnel:
             keep = max(k, keep if keep is not None else cand.shape[1] // 2)
             if keep >= cand.shape[1]:
                 continue
-            s = self._level_scores(q, cand, d)
-            best = np.argsort(-s, axis=1, kind="stable")[:, :keep]
+            best, _ = topk_rows(self._level_scores(q, cand, d), keep)
             cand = np.sort(np.take_along_axis(cand, best, axis=1), axis=1)
-        s = self._level_scores(q, cand, self.dim)
-        best = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(cand, best, axis=1), np.take_along_axis(s, best, axis=1)
+        best, scores = topk_rows(self._level_scores(q, cand, self.dim), k)
+        return np.take_along_axis(cand, best, axis=1), scores
 
     def _level_scores(self, q: np.ndarray, cand: np.ndarray, d: int) -> np.ndarray:
         """Cosine scores [b, K] at prefix `d` between queries [b, D] (unit) and their candidates."""
         qd = q if d == self.dim else l2_normalize(q[:, :d])
+        rows = self.full if d == self.dim else self._levels[d]
         if cand.shape[1] * _DENSE_SHARE >= self.n:
             # The list covers a large share of the gallery: one matmul beats gathering its rows.
-            s = np.take_along_axis(qd @ self.full[:, :d].T, cand, axis=1)
-        else:
-            s = np.matmul(self.full[cand, :d], qd[:, :, None])[..., 0]
-        return s if d == self.dim else s / self._prefix_norms[d][cand]
+            return np.take_along_axis(qd @ rows.T, cand, axis=1)
+        return _gathered_inner_products(qd, rows, cand)
 
 
 def _inner_products(q: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -499,12 +511,18 @@ def _inner_products(q: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _row_norms(x: np.ndarray) -> np.ndarray:
-    """L2 norms of the rows of a (possibly strided) matrix, in blocks, floored at 1e-12."""
-    out = np.empty(len(x), dtype=np.float32)
-    for a in range(0, len(x), _ROW_BLOCK):
-        out[a : a + _ROW_BLOCK] = np.linalg.norm(x[a : a + _ROW_BLOCK], axis=1)
-    return np.maximum(out, 1e-12)
+def _gathered_inner_products(q: np.ndarray, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[b, K] = q[i] . x[rows[i, j]] for queries [b, d] and C-contiguous float32 x [N, d], by FAISS's
+    gather-and-dot loop (`fvec_inner_products_by_idx`: no [b, K, d] copy of the rows)."""
+    import faiss
+
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = np.empty(rows.shape, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(x), faiss.swig_ptr(rows), x.shape[1], len(q), rows.shape[1]
+    )
+    return out
 
 
 def _funnel_stage(stage: int | tuple[int, int] | Sequence[int]) -> tuple[int, int | None]:

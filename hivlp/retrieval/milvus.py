@@ -674,7 +674,7 @@ class MilvusDualIndex(SearchEngine):
             raise
         finally:
             bar.close()
-        with ThreadPoolExecutor(2) as pool:  # a server's flush waits for the segments to seal: ~2 s each
+        with ThreadPoolExecutor(2) as pool:  # a server's flush waits for its segments to seal (seconds each)
             list(pool.map(self._client.flush, pair))
         if max_rows is not None and done < total:
             writer.abort()
