@@ -476,7 +476,12 @@ def test_index_built_before_versioning_is_served_then_replaced(tmp_path, exporte
 def test_bench_milvus_times_floor_full_and_c2f_side_by_side(milvus_server, tmp_path):
     """`hivlp bench milvus` against the real server and Lite: every config is timed, the call floor
     row carries no quality, the JSON and the plot are written."""
-    from hivlp.bench.milvus_server import FLOOR_ROWS, milvus_server_bench, summary_lines, write
+    from hivlp.bench.milvus_server import (
+        FLOOR_ROWS,
+        milvus_server_bench,
+        summary_lines,
+        write,
+    )
 
     result = milvus_server_bench(n=2 * FLOOR_ROWS, n_queries=8, shortlists=(50,), efs=(64,), nprobes=(16,),
                                  coarse_types=("HNSW",), workdir=tmp_path / "w", rounds=1,
