@@ -330,21 +330,19 @@ class CoarseToFineEngine(InMemoryEngine):
     # ------------------------------------------------------------------ coarse codes
 
     def _unit_prefix(self, d: int) -> np.ndarray:
-        """The renormalised `d`-dim prefix of every item, [N, d] float32 (shared with the fp32 codes)."""
+        """The renormalised `d`-dim prefix of every item, [N, d] float32 (shared with the fp32 codes
+        once they are built)."""
         if self.codes == "fp32" and d == self.coarse_dim and hasattr(self, "_coarse"):
             return self._coarse
         return l2_normalize(self.full[:, :d])
 
-    def _prefix(self) -> np.ndarray:
-        return l2_normalize(self.full[:, : self.coarse_dim])
-
     def _build_codes(self) -> None:
         d = self.coarse_dim
         if self.codes == "fp32":
-            self._coarse = self._prefix()
+            self._coarse = self._unit_prefix(d)
             self._code_bytes = self._coarse.nbytes
             return
-        prefix = self._prefix()
+        prefix = self._unit_prefix(d)
         if self.codes == "binary":
             import faiss
 

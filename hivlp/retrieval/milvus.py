@@ -284,10 +284,16 @@ def check_build_args(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if keep < 0:
         raise UsageError(f"--keep must be >= 0 (previous versions kept after a swap), got {keep}")
-    if coarse_dim < 1:
-        raise UsageError(f"--coarse-dim {coarse_dim}: must be between 1 and the embedding dim")
+    _check_index_args(coarse_dim, index, kinds)
+
+
+def _check_index_args(coarse_dim: int, index: str, kinds: Sequence[str], dim: int | None = None) -> None:
+    """The index's shape arguments; the coarse dim's upper bound once the embedding dim is known."""
     if index.upper() not in INDEX_TYPES:
         raise UsageError(f"--index {index}: expected one of {', '.join(INDEX_TYPES)}")
+    if coarse_dim < 1 or (dim is not None and coarse_dim > dim):
+        raise UsageError(f"--coarse-dim {coarse_dim}: must be between 1 and the embedding dim"
+                         + (f" {dim}" if dim is not None else ""))
     _check_kinds(kinds)
 
 
@@ -564,11 +570,8 @@ class MilvusDualIndex(SearchEngine):
 
     def _wanted_info(self, *, dim: int, coarse_dim: int, index: str, kinds: tuple[str, ...],
                      weights_sha256: str, digest: str, expected: dict[str, int]) -> IndexInfo:
+        _check_index_args(coarse_dim, index, kinds, dim)
         index = index.upper()
-        if index not in INDEX_TYPES:
-            raise UsageError(f"--index {index}: expected one of {', '.join(INDEX_TYPES)}")
-        if not 0 < coarse_dim <= dim:
-            raise UsageError(f"--coarse-dim {coarse_dim}: must be between 1 and the embedding dim {dim}")
         return IndexInfo(
             name=self.name, uri=self.uri, dim=int(dim), coarse_dim=int(coarse_dim), index_type=index,
             weights_sha256=weights_sha256, digest=digest, kinds=tuple(kinds), expected=expected,
