@@ -18,6 +18,7 @@ from hivlp.bench.retrieval import (
     synthetic_embeddings,
 )
 from hivlp.errors import UsageError
+from hivlp.retrieval import inmemory
 from hivlp.retrieval.inmemory import (
     CoarseToFineEngine,
     ExactEngine,
@@ -132,6 +133,64 @@ def test_topk_rows_is_exact_with_ties_to_the_lower_column():
         want = np.argsort(-scores, axis=1, kind="stable")[:, :25]
         np.testing.assert_array_equal(idx, want)
         np.testing.assert_array_equal(val, np.take_along_axis(scores, want, 1))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """The batched coarse pass's block and sample sizes shrunk so a 3,000-row gallery is scanned in blocks."""
+    monkeypatch.setattr(inmemory, "_SCAN_BLOCK", 256)
+    monkeypatch.setattr(inmemory, "_SAMPLE_ROWS", 512)
+    return monkeypatch
+
+
+def _full_scan_shortlist(engine, queries, shortlist, monkeypatch):
+    """The coarse shortlist by the whole-matrix path (the one batches took before the blocked scan)."""
+    with monkeypatch.context() as m:
+        m.setattr(inmemory, "_FAISS_QUERIES", 10**9)
+        return engine._coarse_candidates(engine._queries(queries), shortlist)
+
+
+@pytest.mark.parametrize("codes", ["fp32", "int8", "binary"])
+@pytest.mark.parametrize(
+    "case, oversample, budget",
+    [("sampled threshold", 1.5, 4), ("compacted when ties pile up", 60.0, 1), ("threshold too high", 0.05, 4)],
+)
+def test_blocked_batch_pass_gives_the_full_scans_shortlist(gallery, queries, small_blocks, codes, case, oversample, budget):
+    """A batch scanned in gallery blocks against sampled thresholds keeps exactly the shortlist of the
+    full [Q, N] scan, ties to the lower row included (300 duplicate rows, one query on them); also when
+    the held pairs are compacted, and when the threshold lets fewer than the shortlist through."""
+    small_blocks.setattr(inmemory, "_OVERSAMPLE", oversample)
+    small_blocks.setattr(inmemory, "_PAIR_BUDGET", budget)
+    g = gallery.copy()
+    g[100:400] = g[100]
+    q = queries.copy()
+    q[5] = g[100]
+    engine = CoarseToFineEngine(g, codes=codes, coarse_dim=32, shortlist=300)
+    blocked = engine._coarse_candidates(engine._queries(q), 300)
+    assert engine._sample_codes is not None  # the blocked path was the one taken
+    full = _full_scan_shortlist(engine, q, 300, small_blocks)
+    np.testing.assert_array_equal(np.sort(blocked, axis=1), np.sort(full, axis=1))
+    assert set(blocked[5]) == set(range(100, 400))  # the 300 tied duplicates, nothing else
+
+
+def test_blocked_batch_search_answers_as_one_query_at_a_time(gallery, queries, small_blocks):
+    """fp32 and binary: a batch (blocked scan) and the same queries one by one (single-query kernels)
+    give the same ids; the batch's score matrix is never [Q, N] (numpy's peak allocation, tracemalloc)."""
+    import tracemalloc
+
+    for kwargs in ({"codes": "fp32"}, {"codes": "binary", "funnel": [(64, 100)]}):
+        engine = CoarseToFineEngine(gallery, coarse_dim=32, shortlist=300, **kwargs)
+        batch = engine.search(queries, k=10)
+        single = np.concatenate([engine.search(q, k=10).ids for q in queries])
+        np.testing.assert_array_equal(batch.ids, single)
+    big = np.repeat(gallery, 8, axis=0)  # 24,000 rows
+    engine = CoarseToFineEngine(big, coarse_dim=32, shortlist=100)
+    many = np.repeat(queries, 5, axis=0)  # 200 queries: a [Q, N] float32 matrix is 19 MB
+    tracemalloc.start()
+    engine.search(many, k=10)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * len(big) * 4 / 3, peak
 
 
 def test_quantised_codes_keep_true_image_recall_on_structured_embeddings():

@@ -10,13 +10,18 @@ re-rank it with the full vectors (optionally through intermediate levels first).
 bytes scanned per item; kernels were chosen by measuring them side by side (bench/README.md):
 
 - fp32: the renormalised prefix; one query at a time through FAISS's SIMD inner-product loop
-  (faster than OpenBLAS gemv for single queries), batches through a BLAS matmul (4*d bytes/item);
+  (faster than OpenBLAS gemv for single queries), batches through BLAS matmuls (4*d bytes/item);
 - int8: per-dimension symmetric int8 codes scored by PyTorch's fbgemm/oneDNN int8 GEMM
   (`quantized.linear_dynamic`; numpy int8 matmul and `torch._int_mm` were much slower);
 - binary: sign bits of random orthogonal projections of the prefix (SimHash: the Hamming distance
   estimates the angle), the shortlist selected by FAISS's counting top-k (`IndexBinaryFlat` with
   `use_heap=False`, one query per call; bits/8 bytes/item; its heap search slowed as the list grew,
   and `faiss.hammings` + `topk_rows` was 1.5x slower).
+- batches of queries (more than `_FAISS_QUERIES`) over a large gallery, whatever the codes: one pass
+  over the gallery in blocks of `_SCAN_BLOCK` rows. Each query's threshold comes from a strided sample
+  of the gallery; a block's scores above it are kept and the block's scores dropped, so the [Q, N]
+  score matrix is never written and each block of codes is read once for the whole batch. The
+  shortlist is exactly the full scan's (a query the sample misjudged is rescanned alone).
   Sign bits of the raw coordinates weigh every dimension equally, and nested embeddings put most
   of their variance in the first dimensions, so they shortlist poorly.
 
@@ -57,6 +62,17 @@ _GATHER_BLOCK = 1 << 24
 _DENSE_SHARE = 8
 # Up to this many queries, the fp32 coarse pass scores each alone with FAISS's inner-product loop.
 _FAISS_QUERIES = 4
+# Batches of more queries scan the gallery in blocks of this many rows (bench/README.md, "batched
+# coarse pass"): a block's [Q, rows] scores stay in cache, are filtered against each query's threshold
+# and dropped, so the whole [Q, N] score matrix is never written.
+_SCAN_BLOCK = 8192
+# Gallery rows (a strided sample) that set each query's threshold for the blocked scan.
+_SAMPLE_ROWS = 16384
+# The threshold lets through about this many times the shortlist per query.
+_OVERSAMPLE = 1.5
+# Candidate pairs the blocked scan holds, per query and shortlist slot, before it compacts them to
+# each query's best `shortlist` and raises the thresholds (bounds memory when many scores tie).
+_PAIR_BUDGET = 4
 
 
 @dataclass(frozen=True)
@@ -340,7 +356,8 @@ class CoarseToFineEngine(InMemoryEngine):
         d = self.coarse_dim
         if self.codes == "fp32":
             self._coarse = self._unit_prefix(d)
-            self._code_bytes = self._coarse.nbytes
+            self._sample_codes = _sample_of(self._coarse)
+            self._code_bytes = self._coarse.nbytes + _nbytes(self._sample_codes)
             return
         prefix = self._unit_prefix(d)
         if self.codes == "binary":
@@ -355,10 +372,10 @@ class CoarseToFineEngine(InMemoryEngine):
             for a in range(0, self.n, _ROW_BLOCK):
                 self._binary.add(np.packbits(prefix[a : a + _ROW_BLOCK] @ self._projection > 0, axis=1))
             self._bits = faiss.rev_swig_ptr(self._binary.xb.data(), self.n * self.bits // 8).reshape(self.n, -1)
-            self._code_bytes = self._bits.nbytes
+            self._sample_codes = _sample_of(self._bits)
+            self._code_bytes = self._bits.nbytes + _nbytes(self._sample_codes)
             return
         prefix -= prefix.mean(axis=0, dtype=np.float64).astype(np.float32)
-        import torch
 
         peak = np.abs(prefix).max(axis=0)
         self._scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
@@ -367,12 +384,14 @@ class CoarseToFineEngine(InMemoryEngine):
             block = np.rint(prefix[a : a + _ROW_BLOCK] / self._scale)
             np.clip(block, -127, 127, out=q8[a : a + _ROW_BLOCK], casting="unsafe")
         del prefix
-        with warnings.catch_warnings():  # quantized tensors are deprecated upstream; the kernels are not
-            warnings.simplefilter("ignore")
-            weight = torch._make_per_tensor_quantized_tensor(torch.from_numpy(q8), 1.0, 0)
-            self._packed = torch.ops.quantized.linear_prepack(weight, None)
+        # Packed in blocks of gallery rows: the blocked scan scores one block at a time, and the
+        # whole-gallery scores are the blocks' side by side (the same numbers).
+        self._int8_blocks = [(a, _int8_pack(q8[a : a + _SCAN_BLOCK])) for a in range(0, self.n, _SCAN_BLOCK)]
+        rows = _sample_rows(self.n)
+        self._sample_codes = None if rows is None else _int8_pack(q8[rows])
+        del q8
         # fbgemm keeps one int32 column offset per item next to the int8 codes.
-        self._code_bytes = self.n * (d + 4)
+        self._code_bytes = (self.n + (0 if rows is None else len(rows))) * (d + 4)
 
     @property
     def bytes_per_item(self) -> int | float:
@@ -388,37 +407,107 @@ class CoarseToFineEngine(InMemoryEngine):
         own = getattr(self, "_coarse", None)
         return sum(v.nbytes for v in self._levels.values() if v is not own)
 
-    def _coarse_scores(self, qc: np.ndarray) -> np.ndarray:
-        """[Q, N] coarse similarities (higher = closer) for normalised query prefixes [Q, d]."""
+    def _query_codes(self, qc: np.ndarray):
+        """Normalised query prefixes [Q, d] in the form the coarse kernels take."""
+        if self.codes == "binary":
+            return np.packbits(qc @ self._projection > 0, axis=1)
+        if self.codes == "int8":
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(qc * self._scale))
+        return qc
+
+    def _block_scores(self, qx, codes) -> np.ndarray:
+        """[Q, rows] coarse similarities (higher = closer) of query codes against one block of
+        gallery codes: prefix cosines (fp32), scaled int8 dot products, minus Hamming distances."""
         if self.codes == "fp32":
-            return _inner_products(qc, self._coarse)
+            return _inner_products(qx, codes)
         if self.codes == "binary":
             import faiss
 
-            codes = np.packbits(qc @ self._projection > 0, axis=1)
-            dist = np.empty((len(qc), self.n), dtype=np.int32)
+            dist = np.empty((len(qx), len(codes)), dtype=np.int32)
             faiss.hammings(
-                faiss.swig_ptr(codes), faiss.swig_ptr(self._bits), len(qc), self.n, codes.shape[1], faiss.swig_ptr(dist)
+                faiss.swig_ptr(qx), faiss.swig_ptr(codes), len(qx), len(codes), qx.shape[1], faiss.swig_ptr(dist)
             )
             return np.negative(dist, out=dist)
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(qc * self._scale))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # quantized tensors are deprecated upstream; the kernels are not
             warnings.simplefilter("ignore")
-            return torch.ops.quantized.linear_dynamic(x, self._packed, True).numpy()
+            return torch.ops.quantized.linear_dynamic(qx, codes, True).numpy()
+
+    def _scan_blocks(self):
+        """(first row, gallery codes) of each block the coarse pass scans."""
+        if self.codes == "int8":
+            return self._int8_blocks
+        codes = self._coarse if self.codes == "fp32" else self._bits
+        return [(a, codes[a : a + _SCAN_BLOCK]) for a in range(0, self.n, _SCAN_BLOCK)]
+
+    def _coarse_scores(self, qc: np.ndarray) -> np.ndarray:
+        """[Q, N] coarse similarities (higher = closer) for normalised query prefixes [Q, d]."""
+        return self._scores_of(self._query_codes(qc))
+
+    def _scores_of(self, qx) -> np.ndarray:
+        """[Q, N] coarse similarities for query codes (`_query_codes`)."""
+        if self.codes == "fp32":
+            return _inner_products(qx, self._coarse)
+        if self.codes == "binary":
+            return self._block_scores(qx, self._bits)
+        blocks = self._int8_blocks
+        if len(blocks) == 1:
+            return self._block_scores(qx, blocks[0][1])
+        out = np.empty((len(qx), self.n), dtype=np.float32)
+        for a, codes in blocks:
+            block = self._block_scores(qx, codes)
+            out[:, a : a + block.shape[1]] = block
+        return out
 
     def _coarse_candidates(self, q: np.ndarray, shortlist: int) -> np.ndarray:
         qc = l2_normalize(q[:, : self.coarse_dim])
+        if len(q) > _FAISS_QUERIES and shortlist * _DENSE_SHARE <= self.n and self._sample_codes is not None:
+            return self._blocked_candidates(qc, shortlist)
         cand = np.empty((len(q), shortlist), dtype=np.int64)
-        if self.codes == "binary":  # one query per call: the counting kernel is slower on blocks
-            codes = np.packbits(qc @ self._projection > 0, axis=1)
+        if self.codes == "binary":  # one query per call: the counting kernel is faster than a block scan
+            codes = self._query_codes(qc)
             for i in range(len(q)):
                 cand[i] = self._binary.search(codes[i : i + 1], shortlist)[1][0]
             return cand
         step = self._query_block()
         for a in range(0, len(q), step):
             cand[a : a + step], _ = topk_rows(self._coarse_scores(qc[a : a + step]), shortlist)
+        return cand
+
+    def _blocked_candidates(self, qc: np.ndarray, shortlist: int) -> np.ndarray:
+        """The coarse top-`shortlist` of a batch of queries [Q, d], in one blocked pass over the gallery.
+
+        Each query's threshold is the score that about `_OVERSAMPLE` x shortlist items reach in a
+        strided sample of the gallery; every block's scores at or above it are kept as (row, query,
+        score) and the block's scores are dropped. The shortlist is the best `shortlist` of what was
+        kept, ties towards the lower row: exactly the full scan's, whenever at least `shortlist`
+        items reached the threshold. A query for which fewer did is scanned again on its own.
+        """
+        nq = len(qc)
+        qx = self._query_codes(qc)
+        sample = self._block_scores(qx, self._sample_codes)
+        ns = sample.shape[1]
+        m = min(ns, int(np.ceil(_OVERSAMPLE * shortlist * ns / self.n)) + 8)
+        thr = np.partition(sample, ns - m, axis=1)[:, ns - m]
+        del sample
+        kept = _Kept(nq, shortlist, thr)
+        if self.codes == "fp32":  # [rows, Q] blocks: BLAS runs this shape faster than [Q, rows]
+            qt = np.ascontiguousarray(qx.T)
+            for a, codes in self._scan_blocks():
+                kept.add(a, codes @ qt, rows_first=True)
+        else:
+            for a, codes in self._scan_blocks():
+                kept.add(a, self._block_scores(qx, codes))
+        cand, short = kept.best()
+        # The sample's threshold was too high for these queries: a full scan of them, in blocks of
+        # queries that bound the score matrix.
+        step = max(1, self._query_block() - 2)
+        for a in range(0, len(short), step):
+            part = short[a : a + step]
+            cand[part] = topk_rows(self._scores_of(_rows_of(qx, part)), shortlist)[0][: len(part)]
         return cand
 
     # ------------------------------------------------------------------ search
@@ -546,3 +635,102 @@ def _orthogonal_projection(dim: int, bits: int, seed: int = 0) -> np.ndarray:
     blocks = [np.linalg.qr(rng.standard_normal((dim, dim)))[0] for _ in range(-(-bits // dim))]
     return np.ascontiguousarray(np.concatenate(blocks, axis=1)[:, :bits], dtype=np.float32)
 
+
+
+def _sample_rows(n: int) -> np.ndarray | None:
+    """Rows of the strided gallery sample that sets the blocked scan's thresholds (None for a gallery
+    too small to be scanned in blocks)."""
+    if n < 2 * _SCAN_BLOCK:
+        return None
+    return np.arange(0, n, max(2, n // _SAMPLE_ROWS))
+
+
+def _rows_of(qx, rows: np.ndarray):
+    """Query codes of `rows`, scored as they are within the whole batch. int8 query codes are
+    quantised per call from the batch's extremes, so the rows holding the batch's minimum and
+    maximum go along (after `rows`) to keep the same scale."""
+    if isinstance(qx, np.ndarray):
+        return qx[rows]
+    flat = qx.reshape(-1)
+    ends = [int(flat.argmin()) // qx.shape[1], int(flat.argmax()) // qx.shape[1]]
+    return qx[np.concatenate([rows, ends])]
+
+
+def _sample_of(codes: np.ndarray) -> np.ndarray | None:
+    rows = _sample_rows(len(codes))
+    return None if rows is None else codes[rows]
+
+
+def _nbytes(codes: np.ndarray | None) -> int:
+    return 0 if codes is None else codes.nbytes
+
+
+def _int8_pack(q8: np.ndarray):
+    """int8 codes [rows, d] packed for fbgemm's dynamic-quantised linear kernel."""
+    import torch
+
+    with warnings.catch_warnings():  # quantized tensors are deprecated upstream; the kernels are not
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_tensor_quantized_tensor(torch.from_numpy(np.ascontiguousarray(q8)), 1.0, 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+class _Kept:
+    """(row, query, score) triples at or above each query's threshold, gathered block by block.
+
+    When more than `_PAIR_BUDGET` x shortlist triples per query pile up (scores tied at the
+    threshold, e.g. duplicate rows), they are compacted to each query's best `shortlist` and the
+    thresholds of full queries rise to just above their `shortlist`-th score: a later row with an
+    equal score loses the tie to the lower rows already kept.
+    """
+
+    def __init__(self, nq: int, shortlist: int, thr: np.ndarray) -> None:
+        self.nq, self.k = nq, shortlist
+        self.thr = thr.copy()
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.held = 0
+
+    def add(self, first_row: int, scores: np.ndarray, rows_first: bool = False) -> None:
+        """Keep the scores of a block of gallery rows starting at `first_row`: [Q, rows], or
+        [rows, Q] with `rows_first`."""
+        if rows_first:
+            hit = np.flatnonzero(scores >= self.thr)
+            row, query = np.divmod(hit, scores.shape[1])
+        else:
+            hit = np.flatnonzero(scores >= self.thr[:, None])
+            query, row = np.divmod(hit, scores.shape[1])
+        self.parts.append((row + first_row, query, scores.ravel()[hit]))
+        self.held += len(hit)
+        if self.held > _PAIR_BUDGET * self.k * self.nq:
+            self._compact()
+
+    def _merged(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Triples ordered by query, score descending, row ascending, and each query's count."""
+        rows, query, score = (np.concatenate(p) for p in zip(*self.parts)) if self.parts else (
+            np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, self.thr.dtype))
+        order = np.lexsort((rows, -score, query))
+        return rows[order], query[order], score[order], np.bincount(query, minlength=self.nq)
+
+    def _keep_best(self):
+        rows, query, score, count = self._merged()
+        start = np.concatenate(([0], np.cumsum(count)[:-1]))
+        rank = np.arange(len(rows)) - start[query]
+        keep = rank < self.k
+        return rows[keep], query[keep], score[keep], np.minimum(count, self.k), start
+
+    def _compact(self) -> None:
+        rows, query, score, count, _ = self._keep_best()
+        self.parts = [(rows, query, score)]
+        self.held = len(rows)
+        full = np.flatnonzero(count == self.k)
+        last = np.cumsum(count)[full] - 1  # each full query's k-th score
+        kth = score[last]
+        self.thr[full] = (kth + 1) if np.issubdtype(kth.dtype, np.integer) else np.nextafter(kth, np.inf)
+
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        """([Q, shortlist] rows, queries that kept fewer than shortlist)."""
+        rows, query, _, count, _ = self._keep_best()
+        cand = np.zeros((self.nq, self.k), dtype=np.int64)
+        full = count == self.k
+        cand[full] = rows[np.isin(query, np.flatnonzero(full))].reshape(-1, self.k)
+        return cand, np.flatnonzero(~full)
