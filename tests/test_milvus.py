@@ -125,6 +125,31 @@ def test_text_to_image_agrees_with_in_memory_engine(index, arrays):
     assert overlap10(index.search(txt, k=10, shortlist=32).ids, exact.ids) >= 0.99
 
 
+def test_lean_search_call_equals_milvus_client_search(index, arrays):
+    """`ann_search` (pymilvus's request, the client's gRPC stub, hits read as arrays) returns what
+    `MilvusClient.search` returns, ids and scores, on both backends; a failed call is a MilvusException."""
+    from pymilvus.exceptions import MilvusException
+
+    from hivlp.retrieval.milvus import _client_search, ann_search
+
+    info, coarse, _ = index._serving()
+    q = list(l2_normalize(arrays[3][:7, :64]))
+    params = {"metric_type": "IP", "params": {"ef": 64}}
+    kw = {"partition_names": ["image"]}
+    if index._lite:
+        kw["output_fields"] = ["id"]
+    lean = ann_search(index._client, coarse, q, 20, params, **kw)
+    public = _client_search(index._client, coarse, q, 20, params, "Bounded", kw["partition_names"],
+                            kw.get("output_fields"))
+    np.testing.assert_array_equal(lean[0], public[0])
+    np.testing.assert_allclose(lean[1], public[1], rtol=0, atol=1e-6)
+    assert (lean[0][:, :16] >= 0).all() and lean[0].shape == (7, 20)
+    many = ann_search(index._client, coarse, q, 40, params, **kw)  # more than the 32 images: padded
+    assert (many[0][:, 32:] == -1).all() and np.isinf(many[1][:, 32:]).all()
+    with pytest.raises(MilvusException):
+        ann_search(index._client, "no_such_collection", q, 5, params)
+
+
 def test_image_to_text_searches_captions_only(index, arrays):
     img_ids, img, txt_ids, txt, _ = arrays
     got = index.search(img, k=10, shortlist=50, kind="text")

@@ -63,9 +63,10 @@ _DENSE_SHARE = 8
 # Up to this many queries, the fp32 coarse pass scores each alone with FAISS's inner-product loop.
 _FAISS_QUERIES = 4
 # Batches of more queries scan the gallery in blocks of this many rows (bench/README.md, "batched
-# coarse pass"): a block's [Q, rows] scores stay in cache, are filtered against each query's threshold
-# and dropped, so the whole [Q, N] score matrix is never written.
-_SCAN_BLOCK = 8192
+# coarse pass"): a block's [Q, rows] scores are filtered against each query's threshold and dropped,
+# so the whole [Q, N] score matrix is never written. int8 codes are packed per block, and fbgemm's
+# per-call cost makes smaller blocks slow for single queries (8192 rows: 1.7x the time of 16384).
+_SCAN_BLOCK = 16384
 # Gallery rows (a strided sample) that set each query's threshold for the blocked scan.
 _SAMPLE_ROWS = 16384
 # The threshold lets through about this many times the shortlist per query.
@@ -704,33 +705,44 @@ class _Kept:
         if self.held > _PAIR_BUDGET * self.k * self.nq:
             self._compact()
 
-    def _merged(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Triples ordered by query, score descending, row ascending, and each query's count."""
-        rows, query, score = (np.concatenate(p) for p in zip(*self.parts)) if self.parts else (
-            np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, self.thr.dtype))
-        order = np.lexsort((rows, -score, query))
-        return rows[order], query[order], score[order], np.bincount(query, minlength=self.nq)
-
-    def _keep_best(self):
-        rows, query, score, count = self._merged()
-        start = np.concatenate(([0], np.cumsum(count)[:-1]))
-        rank = np.arange(len(rows)) - start[query]
-        keep = rank < self.k
-        return rows[keep], query[keep], score[keep], np.minimum(count, self.k), start
+    def _keep_best(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each query's best `shortlist` of the held triples, ties to the lower row: (rows, scores,
+        start of each query's run, its length), the runs in query order."""
+        rows, query, score = (np.concatenate(p) for p in zip(*self.parts))
+        # Within a query the triples are in ascending row order (blocks in order, rows ascending in a
+        # block), which the stable grouping keeps.
+        order = np.argsort(query.astype(np.int16 if self.nq < 2**15 else np.int64), kind="stable")
+        rows, score = rows[order], score[order]
+        count = np.bincount(query, minlength=self.nq)
+        start = np.cumsum(count) - count
+        keep = np.ones(len(rows), dtype=bool)
+        for i in np.flatnonzero(count > self.k):
+            seg = slice(start[i], start[i] + count[i])
+            s = score[seg]
+            kth = np.partition(s, len(s) - self.k)[len(s) - self.k]
+            mine = s > kth
+            tied = np.flatnonzero(s == kth)[: self.k - int(mine.sum())]  # the lowest rows among the ties
+            mine[tied] = True
+            keep[seg] = mine
+        count = np.minimum(count, self.k)
+        return rows[keep], score[keep], np.cumsum(count) - count, count
 
     def _compact(self) -> None:
-        rows, query, score, count, _ = self._keep_best()
+        rows, score, start, count = self._keep_best()
+        query = np.repeat(np.arange(self.nq), count)
         self.parts = [(rows, query, score)]
         self.held = len(rows)
         full = np.flatnonzero(count == self.k)
-        last = np.cumsum(count)[full] - 1  # each full query's k-th score
-        kth = score[last]
+        # Each full query's k-th score: the least of its run (the runs are not sorted by score).
+        kth = score[start[full, None] + np.arange(self.k)].min(axis=1)
         self.thr[full] = (kth + 1) if np.issubdtype(kth.dtype, np.integer) else np.nextafter(kth, np.inf)
 
     def best(self) -> tuple[np.ndarray, np.ndarray]:
         """([Q, shortlist] rows, queries that kept fewer than shortlist)."""
-        rows, query, _, count, _ = self._keep_best()
         cand = np.zeros((self.nq, self.k), dtype=np.int64)
-        full = count == self.k
-        cand[full] = rows[np.isin(query, np.flatnonzero(full))].reshape(-1, self.k)
-        return cand, np.flatnonzero(~full)
+        if not self.parts:
+            return cand, np.arange(self.nq)
+        rows, _, start, count = self._keep_best()
+        full = np.flatnonzero(count == self.k)
+        cand[full] = rows[start[full, None] + np.arange(self.k)]
+        return cand, np.flatnonzero(count < self.k)

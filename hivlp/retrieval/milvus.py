@@ -1011,15 +1011,7 @@ class MilvusDualIndex(SearchEngine):
             kw["partition_names"] = [kind]
         if self._lite:
             kw["output_fields"] = ["id"]  # else Milvus Lite ships every stored field back with the hits
-        hits = self._client.search(coarse, data=list(qc), limit=limit, anns_field=VECTOR,
-                                   search_params=params, **kw)
-        ids = np.full((len(qc), limit), -1, dtype=np.int64)
-        scores = np.full((len(qc), limit), -np.inf, dtype=np.float32)
-        for i, row in enumerate(hits):
-            got = np.asarray(row.ids, dtype=np.int64)[:limit]  # `row.ids` skips per-hit decoding
-            ids[i, : len(got)] = got
-            scores[i, : len(got)] = np.asarray(row.distances, dtype=np.float32)[: len(got)]
-        return ids, scores
+        return ann_search(self._client, coarse, list(qc), limit, params, **kw)
 
     def _fetch_vectors(self, fine: str, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Full vectors of an id array [b, K] (-1 = none) fetched by id from the fine collection."""
@@ -1099,6 +1091,77 @@ def _nlist(n: int) -> int:
     3.0 (flattened keys) and uses its defaults (HNSW M=16/efConstruction=200, as here; IVF 128
     lists per segment, fewer for small segments); a server uses these."""
     return int(np.clip(4 * np.sqrt(max(n, 1)), 16, 65536))
+
+
+def ann_search(client, collection: str, data: list, limit: int, params: dict[str, Any],
+               consistency_level: str = SERVING_CONSISTENCY, partition_names: list[str] | None = None,
+               output_fields: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One ANN search call: ids [b, limit] (-1 padded) and scores [b, limit] (-inf padded).
+
+    The request is built by pymilvus's own `Prepare` and sent through the client's gRPC stub (its
+    channel, so its credentials), and the hits are read from the response as two arrays.
+    `MilvusClient.search` makes the same request but turns every hit into a Python object: 0.6 ms
+    of a 2.3 ms call on a 1,000-row collection and 1.2 of 3.5 ms for 200 hits on this machine (README,
+    "Served coarse-to-fine"). Failures raise MilvusException as `MilvusClient.search` does.
+    """
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        import grpc
+        from pymilvus.client import ts_utils
+        from pymilvus.client.call_context import _api_level_md
+        from pymilvus.client.prepare import Prepare
+        from pymilvus.client.utils import check_status
+
+        conn = client._get_connection()
+        stub = conn._stub
+    except (ImportError, AttributeError) as e:  # another pymilvus than the lock's: its public call
+        log.debug("lean search unavailable (%s); using MilvusClient.search", e)
+        return _client_search(client, collection, data, limit, params, consistency_level, partition_names,
+                              output_fields)
+    kw: dict[str, Any] = {"consistency_level": consistency_level}
+    default = ts_utils.construct_guarantee_ts(collection, kw, conn.server_address, "")
+    request = Prepare.search_requests_with_expr(
+        collection_name=collection, anns_field=VECTOR, param=params, limit=limit, data=data, ids=None,
+        expr="", partition_names=partition_names, output_fields=output_fields, round_decimal=-1,
+        use_default_consistency=default, **kw)
+    try:
+        response = stub.Search(request, metadata=_api_level_md(client._generate_call_context()))
+    except grpc.RpcError as e:
+        raise MilvusException(message=f"search of {collection} failed: {e.code().name} {e.details()}") from None
+    check_status(response.status)
+    res = response.results
+    topks = np.asarray(res.topks, dtype=np.int64)
+    nq = len(data)
+    if len(topks) != nq:
+        raise MilvusException(message=f"search of {collection} answered {len(topks)} queries of {nq}")
+    flat_ids = np.asarray(res.ids.int_id.data, dtype=np.int64)
+    flat_scores = np.asarray(res.scores, dtype=np.float32)
+    query = np.repeat(np.arange(nq), topks)
+    rank = np.arange(len(query)) - np.repeat(np.cumsum(topks) - topks, topks)
+    keep = rank < limit
+    ids = np.full((nq, limit), -1, dtype=np.int64)
+    scores = np.full((nq, limit), -np.inf, dtype=np.float32)
+    ids[query[keep], rank[keep]] = flat_ids[keep]
+    scores[query[keep], rank[keep]] = flat_scores[keep]
+    return ids, scores
+
+
+def _client_search(client, collection, data, limit, params, consistency_level, partition_names, output_fields):
+    """`ann_search` through `MilvusClient.search` (the public call)."""
+    kw: dict[str, Any] = {"consistency_level": consistency_level}
+    if partition_names:
+        kw["partition_names"] = partition_names
+    if output_fields:
+        kw["output_fields"] = output_fields
+    hits = client.search(collection, data=data, limit=limit, anns_field=VECTOR, search_params=params, **kw)
+    ids = np.full((len(data), limit), -1, dtype=np.int64)
+    scores = np.full((len(data), limit), -np.inf, dtype=np.float32)
+    for i, row in enumerate(hits):
+        got = np.asarray(row.ids, dtype=np.int64)[:limit]  # `row.ids` skips per-hit decoding
+        ids[i, : len(got)] = got
+        scores[i, : len(got)] = np.asarray(row.distances, dtype=np.float32)[: len(got)]
+    return ids, scores
 
 
 def _search_params(index_type: str, limit: int, n: int, ef: int | None) -> dict[str, Any]:
