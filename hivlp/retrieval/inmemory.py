@@ -62,6 +62,9 @@ _GATHER_BLOCK = 1 << 24
 _DENSE_SHARE = 8
 # Up to this many queries, the fp32 coarse pass scores each alone with FAISS's inner-product loop.
 _FAISS_QUERIES = 4
+# A search handles its queries in chunks of this many (coarse pass, then re-rank), so its memory does
+# not grow with the number of queries.
+_QUERY_CHUNK = 256
 # Batches of more queries scan the gallery in blocks of this many rows (bench/README.md, "batched
 # coarse pass"): a block's [Q, rows] scores are filtered against each query's threshold and dropped,
 # so the whole [Q, N] score matrix is never written. int8 codes are packed per block, and fbgemm's
@@ -534,17 +537,26 @@ class CoarseToFineEngine(InMemoryEngine):
             if asked is not None and asked > self.n:
                 log.warning("shortlist capped at %d, the gallery size (asked for %d)", self.n, shortlist)
             shortlist = self.n
-        cand = self._coarse_candidates(q, shortlist)
-        t1 = time.perf_counter()
-        cand.sort(axis=1)  # ascending rows, so the stable sorts below send ties to the lower row
         rows = np.empty((len(q), k), dtype=np.int64)
         scores = np.empty((len(q), k), dtype=np.float32)
         step = max(1, _GATHER_BLOCK // (shortlist * self.dim))
-        for a in range(0, len(q), step):
-            rows[a : a + step], scores[a : a + step] = self._rerank(q[a : a + step], cand[a : a + step], k)
+        coarse, rerank = time.perf_counter() - t0, 0.0
+        # Queries in chunks: what one call holds (shortlists, the coarse pass's kept scores) is bounded
+        # by the chunk, not by the number of queries.
+        for c in range(0, len(q), _QUERY_CHUNK):
+            t1 = time.perf_counter()
+            chunk = q[c : c + _QUERY_CHUNK]
+            cand = self._coarse_candidates(chunk, shortlist)
+            cand.sort(axis=1)  # ascending rows, so the stable sorts below send ties to the lower row
+            t2 = time.perf_counter()
+            for a in range(0, len(chunk), step):
+                b = min(a + step, len(chunk))
+                rows[c + a : c + b], scores[c + a : c + b] = self._rerank(chunk[a:b], cand[a:b], k)
+            coarse += t2 - t1
+            rerank += time.perf_counter() - t2
         if timings is not None:
-            timings["coarse"] = 1000 * (t1 - t0)
-            timings["rerank"] = 1000 * (time.perf_counter() - t1)
+            timings["coarse"] = 1000 * coarse
+            timings["rerank"] = 1000 * rerank
         return self._result(rows, scores)
 
     def search_coarse(self, queries: np.ndarray, k: int = 10) -> SearchResult:
