@@ -1115,6 +1115,7 @@ def ann_search(client, collection: str, data: list, limit: int, params: dict[str
 
         conn = client._get_connection()
         stub = conn._stub
+        metadata = _api_level_md(client._generate_call_context())
     except (ImportError, AttributeError) as e:  # another pymilvus than the lock's: its public call
         log.debug("lean search unavailable (%s); using MilvusClient.search", e)
         return _client_search(client, collection, data, limit, params, consistency_level, partition_names,
@@ -1126,7 +1127,7 @@ def ann_search(client, collection: str, data: list, limit: int, params: dict[str
         expr="", partition_names=partition_names, output_fields=output_fields, round_decimal=-1,
         use_default_consistency=default, **kw)
     try:
-        response = stub.Search(request, metadata=_api_level_md(client._generate_call_context()))
+        response = stub.Search(request, metadata=metadata)
     except grpc.RpcError as e:
         raise MilvusException(message=f"search of {collection} failed: {e.code().name} {e.details()}") from None
     check_status(response.status)
