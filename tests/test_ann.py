@@ -15,7 +15,7 @@ from hivlp.retrieval.ann import (
     ladder,
     tune,
 )
-from hivlp.retrieval.inmemory import ExactEngine, l2_normalize
+from hivlp.retrieval.inmemory import CoarseToFineEngine, ExactEngine, l2_normalize
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,22 @@ def test_tuner_stops_at_the_first_value_reaching_the_target(data):
     # out of reach: every value tried, reported as not reached, engine left at the last
     never = tune(engine, queries, exact, target=1.0, values=[1, 2])
     assert not never.reached and [t["value"] for t in never.trace] == [1, 2] and engine.param == 2
+
+
+def test_tuner_raises_a_flat_coarse_to_fine_shortlist_to_the_target(data):
+    gallery, queries, exact = data
+    engine = CoarseToFineEngine(gallery, coarse_dim=16, codes="binary", bits=64, shortlist=10, normalized=True)
+    got = tune(engine, queries, exact, target=0.95)
+    assert got.reached and got.param == "shortlist" and got.agreement >= 0.95
+    tried = [t["value"] for t in got.trace]
+    assert tried == ladder(10, len(gallery))[: len(tried)] and got.value == engine.shortlist == engine.param
+    # the first value reaching the target: every shorter list was below it, and the engine answers with it
+    assert all(t["agree10"] < 0.95 for t in got.trace[:-1]) and len(tried) > 1
+    assert agreement(engine.search(queries, 10).ids, exact) == pytest.approx(got.agreement)
+    engine.set_param(tried[-2])
+    assert agreement(engine.search(queries, 10).ids, exact) < 0.95
+    with pytest.raises(UsageError, match="shortlist must be >= 1"):
+        engine.set_param(0)
 
 
 @pytest.mark.parametrize("codes", ["fp32", "binary"])

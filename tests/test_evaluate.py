@@ -112,6 +112,18 @@ def test_bench_writes_json_and_plots_with_every_method(emb, tmp_path):
     assert data["levels"]["counts"]["images"] == 200
 
 
+def test_bench_tunes_the_binary_shortlist_on_held_out_captions(emb, tmp_path):
+    cfg = BenchConfig(sizes=[2000], threads=1, repeats=2, batch=64, queries=150, binary_dim=32, binary_bits=64,
+                      binary_keep=0, methods=("exact", "c2f_binary"), milvus=False)
+    assert cfg.binary_shortlist == 0  # the default: tuned, as nprobe / efSearch are
+    result = run_retrieval_bench(emb, cfg, progress=False)
+    r = next(r for r in result["rows"] if r["method"] == "c2f_binary")
+    assert r["param"] == "shortlist" and r["tune_reached"] and r["tune_agree10"] >= 0.99
+    assert r["shortlist"] == r["param_value"] == r["tune_trace"][-1]["value"] > 10
+    assert all(t["agree10"] < 0.99 for t in r["tune_trace"][:-1])
+    assert r["agree10"] >= 0.95 and result["config"]["tune_queries_held_out"]  # measured on other captions
+
+
 def test_bench_cli_reads_an_embeddings_file(emb, tmp_path, capsys):
     npz = tmp_path / "emb.npz"
     emb.save(npz)

@@ -17,7 +17,9 @@ ANN peers (`hivlp.retrieval.ann`): FAISS IVF-Flat and HNSW over the full vectors
 `hnsw_full`) and over the 64-d prefix with a full-vector re-rank (`ivf_c2f`, `hnsw_c2f`), each tuned
 per size on held-out captions (not the measured queries) to the first nprobe / efSearch whose top-10
 agreement with exact search reaches `target_agreement`; the hierarchical ones first get the shortest
-shortlist whose exact-prefix ceiling reaches the target plus a margin. HNSW is skipped at a size
+shortlist whose exact-prefix ceiling reaches the target plus a margin. `c2f_binary`'s Hamming
+shortlist is tuned the same way (`binary_shortlist` 0, the default): the shortest K on the ladder whose
+agreement reaches the target, since binary codes need a list that grows with N. HNSW is skipped at a size
 whose build, extrapolated from the previous size, would exceed `hnsw_build_limit_s`.
 """
 
@@ -286,7 +288,7 @@ class BenchConfig:
     coarse_dim: int = 64  # fp32 and int8 codes
     binary_dim: int = 64  # prefix the binary codes are projected from
     binary_bits: int = 256
-    binary_shortlist: int = 8000  # Hamming ranks coarsely: a longer list (8000 keeps >= 0.99 at 1M), then ...
+    binary_shortlist: int = 0  # Hamming ranks coarsely: a long list (0 = tuned like nprobe, to target_agreement) ...
     binary_keep: int = 1000  # ... re-scored exactly at binary_dim, keeping this many (0: no funnel)
     level_shortlist: int = 50  # coarse-to-fine shortlist in the per-level evaluation of the val split
     milvus: bool = True
@@ -322,7 +324,7 @@ def make_engine(method: str, gallery: np.ndarray, cfg: BenchConfig, ann_shortlis
             funnel = [(cfg.binary_dim, cfg.binary_keep)] if cfg.binary_keep else None
             return CoarseToFineEngine(
                 gallery, coarse_dim=cfg.binary_dim, codes=codes, bits=cfg.binary_bits,
-                shortlist=cfg.binary_shortlist, funnel=funnel, normalized=True,
+                shortlist=cfg.binary_shortlist or cfg.binary_keep or cfg.shortlist, funnel=funnel, normalized=True,
             )
         return CoarseToFineEngine(
             gallery, coarse_dim=cfg.coarse_dim, codes=codes, shortlist=cfg.shortlist, normalized=True
@@ -385,12 +387,12 @@ def run_retrieval_bench(
     distractors = GaussianDistractors(fit)
     sel = _select_queries(emb, cfg.queries, cfg.seed)
     queries = np.ascontiguousarray(emb.text[sel])
-    ann = [m for m in methods if m in ANN_METHODS]
-    if ann:
+    ann = [m for m in methods if m in ANN_METHODS or (m == "c2f_binary" and not cfg.binary_shortlist)]
+    if ann:  # methods whose knob is tuned on held-out captions
         tune_sel, held_out = _tuning_queries(emb, sel, cfg.tune_queries, cfg.seed)
         tune_q = l2_normalize(emb.text[tune_sel])
         if not held_out:
-            result["notes"].append("every caption is measured: the ANN tuner used the measured queries")
+            result["notes"].append("every caption is measured: the tuner used the measured queries")
     hnsw_builds: dict[str, tuple[int, float]] = {}  # method -> (n, build seconds) of its last build
 
     def finish() -> dict[str, Any]:
@@ -434,7 +436,8 @@ def run_retrieval_bench(
                 log.info(note)
                 result["notes"].append(note)
         ann_info: dict[str, Any] = {}
-        if any(m in ANN_METHODS for m in size_methods):
+        tuned_methods = [m for m in size_methods if m in ANN_METHODS or (m == "c2f_binary" and not cfg.binary_shortlist)]
+        if tuned_methods:
             t = time.perf_counter()
             tune_exact = ExactEngine(gallery, normalized=True, kernel="faiss").search(tune_q, TOP_K).ids
             ann_info["exact_s"] = time.perf_counter() - t
@@ -450,7 +453,7 @@ def run_retrieval_bench(
             t = time.perf_counter()
             engines[method] = make_engine(method, gallery, cfg, ann_info.get("shortlist"))
             build_s[method] = time.perf_counter() - t
-            if method in ANN_METHODS:
+            if method in tuned_methods:
                 if method.startswith("hnsw"):
                     hnsw_builds[method] = (n, build_s[method])
                 t = time.perf_counter()
@@ -489,6 +492,11 @@ def run_retrieval_bench(
                     row.update(hnsw_m=engine.m, ef_construction=engine.ef_construction)
             elif isinstance(engine, CoarseToFineEngine):
                 row.update(coarse_dim=engine.coarse_dim, shortlist=engine.shortlist)
+                if method in tuned:
+                    tu = tuned[method]
+                    row.update(param=tu.param, param_value=tu.value, tune_agree10=tu.agreement,
+                               tune_reached=tu.reached, tune_target=tu.target, tune_s=build_s[method + ":tune"],
+                               tune_trace=tu.trace, tune_queries=len(tune_q))
                 if engine.bits is not None:
                     row["bits"] = engine.bits
                 if engine.funnel:

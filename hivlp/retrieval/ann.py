@@ -39,6 +39,8 @@ _TRAIN_PER_LIST = 40
 _TRAIN_ITERATIONS = 10
 # Shortlist lengths `choose_shortlist` tries, shortest first.
 SHORTLISTS = (50, 100, 200, 400, 800, 1600)
+# The longest flat coarse-to-fine shortlist `tune` tries (a binary-code shortlist at 1M needs thousands).
+MAX_TUNED_SHORTLIST = 32768
 
 
 def default_nlist(n: int) -> int:
@@ -266,7 +268,7 @@ class Tuning:
 
 
 def tune(
-    engine: AnnEngine,
+    engine: CoarseToFineEngine,
     queries: np.ndarray,
     exact_top: np.ndarray,
     target: float = 0.99,
@@ -274,12 +276,15 @@ def tune(
     k: int = 10,
 ) -> Tuning:
     """Raise the engine's knob along `values` (default: `ladder` from the smallest useful value to
-    nlist, or to 4096 for HNSW) until the top-k agreement with `exact_top` on `queries` reaches
+    nlist, or to 4096 for HNSW; for a flat `CoarseToFineEngine`, its shortlist from k to
+    `MAX_TUNED_SHORTLIST` or N) until the top-k agreement with `exact_top` on `queries` reaches
     `target`; the engine is left at the first value that does (or at the last, `reached` False)."""
     if not 0 < target <= 1:
         raise UsageError(f"target agreement must be in (0, 1], got {target}")
     if values is None:
-        if engine.index_kind == "ivf":
+        if not isinstance(engine, AnnEngine):
+            values = ladder(k, max(k, min(MAX_TUNED_SHORTLIST, engine.n)))
+        elif engine.index_kind == "ivf":
             values = ladder(1, engine.nlist)
         else:
             low = max(k, engine.shortlist if engine.hierarchical else k)

@@ -335,7 +335,7 @@ class CoarseToFineEngine(InMemoryEngine):
             raise UsageError(f"binary codes need bits to be a positive multiple of 8, got {self.bits}")
         if shortlist < 1:
             raise UsageError(f"shortlist must be >= 1, got {shortlist}")
-        self.shortlist = int(shortlist)
+        self.shortlist = self.param = int(shortlist)
         self.funnel = [_funnel_stage(stage) for stage in (funnel or [])]
         dims = [d for d, _ in self.funnel]
         if any(not 1 <= d < self.dim for d in dims) or dims != sorted(set(dims)):
@@ -346,6 +346,18 @@ class CoarseToFineEngine(InMemoryEngine):
         # Each funnel level as contiguous unit rows, so a shortlist's rows are scored by FAISS's
         # gather-and-dot kernel (a strided gather from the full rows cost several times more).
         self._levels = {d: self._unit_prefix(d) for d, _ in self.funnel}
+
+    # ------------------------------------------------------------------ search knob
+
+    param_name = "shortlist"
+
+    def set_param(self, value: int) -> None:
+        """Set the shortlist K for the searches that follow: the knob `hivlp.retrieval.ann.tune` raises,
+        as it raises nprobe / efSearch on an `AnnEngine`."""
+        value = int(value)
+        if value < 1:
+            raise UsageError(f"shortlist must be >= 1, got {value}")
+        self.shortlist = self.param = value
 
     # ------------------------------------------------------------------ coarse codes
 
