@@ -332,6 +332,12 @@ def make_engine(method: str, gallery: np.ndarray, cfg: BenchConfig, ann_shortlis
     raise UsageError(f"unknown method {method!r}; choose from {list(METHODS)}")
 
 
+def _is_tuned(method: str, cfg: BenchConfig) -> bool:
+    """Whether the method's knob is tuned per size to `cfg.target_agreement`: the ANN indexes' nprobe /
+    efSearch, and c2f_binary's Hamming shortlist unless `binary_shortlist` fixes it."""
+    return method in ANN_METHODS or (method == "c2f_binary" and not cfg.binary_shortlist)
+
+
 def _select_queries(emb: BenchEmbeddings, n: int, seed: int) -> np.ndarray:
     if n <= 0 or n >= len(emb.text):
         return np.arange(len(emb.text))
@@ -387,7 +393,7 @@ def run_retrieval_bench(
     distractors = GaussianDistractors(fit)
     sel = _select_queries(emb, cfg.queries, cfg.seed)
     queries = np.ascontiguousarray(emb.text[sel])
-    ann = [m for m in methods if m in ANN_METHODS or (m == "c2f_binary" and not cfg.binary_shortlist)]
+    ann = [m for m in methods if _is_tuned(m, cfg)]
     if ann:  # methods whose knob is tuned on held-out captions
         tune_sel, held_out = _tuning_queries(emb, sel, cfg.tune_queries, cfg.seed)
         tune_q = l2_normalize(emb.text[tune_sel])
@@ -436,7 +442,7 @@ def run_retrieval_bench(
                 log.info(note)
                 result["notes"].append(note)
         ann_info: dict[str, Any] = {}
-        tuned_methods = [m for m in size_methods if m in ANN_METHODS or (m == "c2f_binary" and not cfg.binary_shortlist)]
+        tuned_methods = [m for m in size_methods if _is_tuned(m, cfg)]
         if tuned_methods:
             t = time.perf_counter()
             tune_exact = ExactEngine(gallery, normalized=True, kernel="faiss").search(tune_q, TOP_K).ids
