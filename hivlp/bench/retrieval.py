@@ -483,13 +483,13 @@ def run_retrieval_bench(
                 "build_s": build_s[method],
                 "gallery_s": gen_s, "n_queries": len(queries), "memory_mb": engine.memory_bytes() / 2**20,
             }
-            if isinstance(engine, AnnEngine):
+            if method in tuned:
                 tu = tuned[method]
-                row.update(
-                    index=engine.index_kind, coarse_dim=engine.coarse_dim, param=tu.param, param_value=tu.value,
-                    tune_agree10=tu.agreement, tune_reached=tu.reached, tune_target=tu.target,
-                    tune_s=build_s[method + ":tune"], tune_trace=tu.trace, tune_queries=len(tune_q),
-                )
+                row.update(param=tu.param, param_value=tu.value, tune_agree10=tu.agreement, tune_reached=tu.reached,
+                           tune_target=tu.target, tune_s=build_s[method + ":tune"], tune_trace=tu.trace,
+                           tune_queries=len(tune_q))
+            if isinstance(engine, AnnEngine):
+                row.update(index=engine.index_kind, coarse_dim=engine.coarse_dim)
                 if engine.hierarchical:
                     row.update(shortlist=engine.shortlist, shortlist_ceiling=ann_info.get("ceiling"))
                 if engine.index_kind == "ivf":
@@ -498,11 +498,6 @@ def run_retrieval_bench(
                     row.update(hnsw_m=engine.m, ef_construction=engine.ef_construction)
             elif isinstance(engine, CoarseToFineEngine):
                 row.update(coarse_dim=engine.coarse_dim, shortlist=engine.shortlist)
-                if method in tuned:
-                    tu = tuned[method]
-                    row.update(param=tu.param, param_value=tu.value, tune_agree10=tu.agreement,
-                               tune_reached=tu.reached, tune_target=tu.target, tune_s=build_s[method + ":tune"],
-                               tune_trace=tu.trace, tune_queries=len(tune_q))
                 if engine.bits is not None:
                     row["bits"] = engine.bits
                 if engine.funnel:
